@@ -26,3 +26,31 @@ def shared_datasets() -> Path:
         pytest.skip(f"real datasets folder {path} not found (set {SHARED_DATASETS_ENV} to its "
                     f"location to run the realdata tests)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread is faster and avoids oversubscription."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_dataset(num_classes: int = 3, per_class: int = 20, channels: int = 1, size: int = 8,
+                 seed: int = 0, split: str = "train"):
+    """A small, learnable ImageDataset: each class is a distinct bright blob plus noise."""
+    import torch
+
+    from tinyset.data.base import DatasetInfo, ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    info = DatasetInfo("tiny", channels, (size, size), num_classes, tuple(f"c{i}" for i in range(num_classes)),
+                       (0.5,) * channels, (0.25,) * channels)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    base = torch.rand(num_classes, channels, size, size, generator=g)
+    imgs = base[labels] * 0.7 + 0.3 * torch.rand(len(labels), channels, size, size, generator=g)
+    images = (imgs * 255).round().clamp(0, 255).to(torch.uint8)
+    return ImageDataset(info, split, images, labels, source="tiny")

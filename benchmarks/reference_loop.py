@@ -1,0 +1,83 @@
+"""Baselines for the benchmarks: the reference implementations' way of doing the same work.
+
+Written for tinyset (not copied): a plain ``torch.nn`` ConvNet with the reference architecture,
+trained one model after another with a per-model SGD loop in fp32, shuffled mini-batches and DSA
+per batch (one op per batch, per-image parameters), test accuracy after the last epoch; and the
+reference DM iteration (one forward pass per class for real and synthetic images, fp32).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyset.augment import DSA
+
+
+def reference_convnet(channels: int, num_classes: int, size: int, width: int = 128, depth: int = 3) -> nn.Module:
+    layers: list[nn.Module] = []
+    c, h = channels, size
+    for d in range(depth):
+        pad = 3 if (d == 0 and channels == 1 and size == 28) else 1
+        layers += [nn.Conv2d(c, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True), nn.ReLU(),
+                   nn.AvgPool2d(2, 2)]
+        h = (h + 2 * pad - 2) // 2
+        c = width
+    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * h * h, num_classes))
+    net.embed = nn.Sequential(*layers, nn.Flatten())  # type: ignore[attr-defined]
+    return net
+
+
+def reference_train_one(images, labels, test_x, test_y, epochs, seed, augment: DSA | None,
+                        lr=0.01, batch=256) -> float:
+    """One model, plain loop, fp32; returns test accuracy after the last epoch."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = reference_convnet(images.shape[1], int(labels.max()) + 1, images.shape[2])
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    n = images.shape[0]
+    for ep in range(epochs):
+        if ep == epochs // 2:
+            opt = torch.optim.SGD(net.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
+        perm = torch.randperm(n, generator=g)
+        for b0 in range(0, n, batch):
+            idx = perm[b0:b0 + batch]
+            x = images[idx]
+            if augment:
+                x = augment(x, g)
+            loss = F.cross_entropy(net(x), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for b0 in range(0, test_x.shape[0], 256):
+            correct += int((net(test_x[b0:b0 + 256]).argmax(1) == test_y[b0:b0 + 256]).sum())
+    return correct / test_x.shape[0]
+
+
+def reference_dm_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA | None, g, seed) -> float:
+    """The reference DM step: a fresh frozen net, one forward per class (real and synthetic), fp32."""
+    k = pool.info.num_classes
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = reference_convnet(pool.info.channels, k, pool.info.image_size[0])
+    for p in net.parameters():
+        p.requires_grad_(False)
+    loss = torch.zeros(())
+    for c in range(k):
+        real = pool.sample_class(c, batch_real, g)
+        syn = images_syn[c * ipc:(c + 1) * ipc]
+        if augment:
+            grp = torch.zeros(real.shape[0] + ipc, dtype=torch.long)
+            both = augment(torch.cat([real, syn]), g, op_groups=grp, param_groups=grp)
+            real, syn = both[:real.shape[0]], both[real.shape[0]:]
+        out_real = net.embed(real.detach())
+        out_syn = net.embed(syn)
+        loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item() / k

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_dataset
+from tinyset.errors import ConfigError
+from tinyset.evaluate import Protocol, evaluate_full, evaluate_tensors, format_table
+from tinyset.evaluate.trainer import TrainSettings, train_ensemble
+from tinyset.models import create_model, extract_member
+from tinyset.utils import make_generator
+
+
+def test_presets_load_with_source_and_overrides():
+    p = Protocol.preset("dsa")
+    assert (p.epochs, p.lr, p.momentum, p.weight_decay, p.batch_size, p.augment, p.num_models) == (
+        1000, 0.01, 0.9, 0.0005, 256, "dsa", 5)
+    assert "DatasetCondensation" in p.source
+    assert Protocol.preset("noaug").epochs == 300
+    q = p.with_overrides(epochs=3, num_models=None)
+    assert q.epochs == 3 and q.num_models == 5 and q.overrides == {"epochs": 3}
+    with pytest.raises(ConfigError, match="no evaluate preset"):
+        Protocol.preset("nope")
+    with pytest.raises(ConfigError, match="epochs"):
+        Protocol.preset("dsa", epochs=0)
+
+
+def test_ensemble_training_equals_separate_training():
+    """Training M members together is the same computation as training them one by one."""
+    torch.set_num_threads(1)
+    data = tiny_dataset(per_class=6)
+    x = data.normalized()
+    y = data.labels
+    s = TrainSettings(epochs=3, lr=0.05, batch_size=8)
+    ens = create_model("convnet-d2", 1, 3, 8, members=2, seed=1)
+    train_ensemble(ens, x, y, s, make_generator(0))
+    # train member 0 alone from the same start with the same batch order and lr schedule
+    ens2 = create_model("convnet-d2", 1, 3, 8, members=2, seed=1)
+    single0 = extract_member(ens2, 0)
+    opt = torch.optim.SGD(single0.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = make_generator(0)
+    for ep in range(3):
+        if ep == 1:
+            opt = torch.optim.SGD(single0.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+        perms = torch.argsort(torch.rand(2, len(y), generator=gen), dim=1)
+        for b0 in range(0, len(y), 8):
+            idx = perms[0, b0:b0 + 8]
+            loss = torch.nn.functional.cross_entropy(single0(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    trained0 = extract_member(ens, 0)
+    for a, b in zip(trained0.parameters(), single0.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_learns_tiny_problem_and_reports_protocol():
+    train = tiny_dataset(per_class=10, seed=0)
+    test = tiny_dataset(per_class=10, seed=0, split="test")
+    proto = Protocol.preset("quick", epochs=30, num_models=3, precision="fp32", compile=False)
+    res = evaluate_tensors(train.normalized(), train.labels, train.info, test, ["convnet-d2", "mlp"], proto, seed=0)
+    assert [r["model"] for r in res["results"]] == ["convnet-d2", "mlp"]
+    for r in res["results"]:
+        assert len(r["accuracies"]) == 3
+        assert r["mean"] > 0.9
+        assert abs(r["mean"] - sum(r["accuracies"]) / 3) < 1e-9
+    p = res["protocol"]
+    assert p["name"] == "quick" and p["epochs"] == 30 and p["lr_used"] == 0.01 and p["precision_used"] == "fp32"
+    json.dumps(res)  # machine readable
+    table = format_table(res["results"])
+    assert "convnet-d2" in table and "±" in table
+
+
+def test_evaluation_is_deterministic_given_seed():
+    train = tiny_dataset(per_class=5)
+    test = tiny_dataset(per_class=5, split="test", seed=1)
+    proto = Protocol.preset("quick", epochs=5, num_models=2, precision="fp32", compile=False)
+    a = evaluate_tensors(train.normalized(), train.labels, train.info, test, ["convnet-d1"], proto, seed=3)
+    b = evaluate_tensors(train.normalized(), train.labels, train.info, test, ["convnet-d1"], proto, seed=3)
+    assert a["results"][0]["accuracies"] == b["results"][0]["accuracies"]
+
+
+def test_soft_labels_train():
+    train = tiny_dataset(per_class=4)
+    soft = torch.nn.functional.one_hot(train.labels, 3).float() * 0.9 + 0.1 / 3
+    proto = Protocol.preset("quick", epochs=20, num_models=1, precision="fp32", compile=False, augment="none")
+    res = evaluate_tensors(train.normalized(), soft, train.info, tiny_dataset(per_class=4, split="test"),
+                           ["convnet-d1"], proto)
+    assert res["results"][0]["mean"] > 0.6
+
+
+def test_learned_lr_protocol_needs_one():
+    train = tiny_dataset(per_class=2)
+    proto = Protocol(name="learned", epochs=1, lr=None, num_models=1)
+    with pytest.raises(ConfigError, match="learned lr"):
+        evaluate_tensors(train.normalized(), train.labels, train.info, train, ["convnet-d1"], proto)
+
+
+def test_full_baseline_runs():
+    train = tiny_dataset(per_class=8)
+    proto = Protocol.preset("fulldata", epochs=2, num_models=1, precision="fp32", compile=False)
+    res = evaluate_full(train, tiny_dataset(per_class=3, split="test"), ["mlp"], proto)
+    assert res["synset"]["method"] == "full-dataset" and res["num_images"] == 24

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from tinyset.errors import ConfigError
+from tinyset.models import MODELS, create_model, extract_member, stack_members
+
+SHAPES = [(1, 28), (3, 32), (1, 8)]
+# architectures that need images larger than 8x8
+NEEDS_LARGE = {"lenet", "vgg11", "vgg11-bn", "convnet-d4", "convnet-d5"}
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("channels,size", SHAPES)
+def test_every_model_output_shape(name, channels, size):
+    if size == 8 and name in NEEDS_LARGE:
+        with pytest.raises(ConfigError):
+            create_model(name, channels, 10, size)
+        return
+    model = create_model(name, channels, 10, size)
+    x = torch.randn(2, channels, size, size)
+    assert model(x).shape == (2, 10)
+    emb = model.embed(x)
+    assert emb.shape == (2, model.feature_dim)
+    assert model.classifier(emb).shape == (2, 10)
+
+
+def test_convnet_reference_semantics():
+    m = create_model("convnet", 1, 10, 28)
+    convs = [l for l in m.features if l.__class__.__name__ == "Conv2d"]
+    assert [c.padding for c in convs] == [3, 1, 1]  # 28x28 treated as 32x32
+    norms = [l for l in m.features if isinstance(l, torch.nn.GroupNorm)]
+    assert all(n.num_groups == n.num_channels == 128 and n.affine for n in norms)  # instancenorm
+    assert m.feature_dim == 128 * 4 * 4
+    assert create_model("convnet", 3, 10, 32).feature_dim == 2048
+    assert sum(p.numel() for p in m.parameters()) == (
+        (9 * 128 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + 2048 * 10 + 10)
+
+
+def test_same_seed_same_weights_and_no_global_rng():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = create_model("convnet", 1, 10, 28, seed=7)
+    b = create_model("convnet", 1, 10, 28, seed=7)
+    c = create_model("convnet", 1, 10, 28, seed=8)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+
+
+def test_default_init_distribution():
+    m = create_model("convnet", 1, 10, 28, seed=1)
+    w = m.features[4].weight  # second conv, fan_in 128*9
+    bound = 1 / (128 * 9) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("name", ["convnet", "convnet-bn", "convnet-ln", "mlp", "lenet", "resnet18-bn", "alexnet"])
+def test_ensemble_members_equal_separate_networks(name):
+    torch.set_num_threads(2)
+    size = 28
+    ens = create_model(name, 1, 5, size, members=3, seed=3)
+    x = torch.randn(4, 3, size, size)  # a different batch per member
+    out = ens(x)
+    assert out.shape == (4, 3, 5)
+    for m in range(3):
+        single = extract_member(ens, m)
+        ref = single(x[:, m:m + 1])
+        torch.testing.assert_close(out[:, m], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ensemble_gradients_equal_separate_training():
+    ens = create_model("convnet", 1, 4, 8, members=2, seed=0)
+    singles = [extract_member(ens, m) for m in range(2)]
+    x = torch.randn(6, 2, 8, 8)
+    y = torch.randint(0, 4, (6, 2))
+    loss = sum(torch.nn.functional.cross_entropy(ens(x)[:, m], y[:, m]) for m in range(2))
+    loss.backward()
+    for m, s in enumerate(singles):
+        torch.nn.functional.cross_entropy(s(x[:, m:m + 1]), y[:, m]).backward()
+    w = ens.features[0].weight.grad
+    torch.testing.assert_close(w[:128], singles[0].features[0].weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w[128:], singles[1].features[0].weight.grad, rtol=1e-4, atol=1e-5)
+    stacked = stack_members(singles)
+    torch.testing.assert_close(stacked(x), ens(x))
+
+
+def test_unknown_model_lists_known():
+    with pytest.raises(ConfigError, match="convnet"):
+        create_model("convnett", 1, 10, 28)
+
+
+def test_wrong_channels_is_clear():
+    m = create_model("convnet", 1, 10, 28)
+    with pytest.raises(ConfigError, match="expects 1 channels"):
+        m(torch.randn(2, 3, 28, 28))

@@ -14,6 +14,18 @@ import torch.nn.functional as F
 from tinyset.augment import DSA
 
 
+class ReferenceConvNet(nn.Module):
+    def __init__(self, features: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.features, self.classifier = features, classifier
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def reference_convnet(channels: int, num_classes: int, size: int, width: int = 128, depth: int = 3) -> nn.Module:
     layers: list[nn.Module] = []
     c, h = channels, size
@@ -23,9 +35,7 @@ def reference_convnet(channels: int, num_classes: int, size: int, width: int = 1
                    nn.AvgPool2d(2, 2)]
         h = (h + 2 * pad - 2) // 2
         c = width
-    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * h * h, num_classes))
-    net.embed = nn.Sequential(*layers, nn.Flatten())  # type: ignore[attr-defined]
-    return net
+    return ReferenceConvNet(nn.Sequential(*layers, nn.Flatten()), nn.Linear(width * h * h, num_classes))
 
 
 def reference_train_one(images, labels, test_x, test_y, epochs, seed, augment: DSA | None,
@@ -70,11 +80,13 @@ def reference_dm_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA 
     for c in range(k):
         real = pool.sample_class(c, batch_real, g)
         syn = images_syn[c * ipc:(c + 1) * ipc]
-        if augment:
-            grp = torch.zeros(real.shape[0] + ipc, dtype=torch.long)
-            both = augment(torch.cat([real, syn]), g, op_groups=grp, param_groups=grp)
-            real, syn = both[:real.shape[0]], both[real.shape[0]:]
-        out_real = net.embed(real.detach())
+        if augment:  # one transformation for the class's real and synthetic images (siamese)
+            n = real.shape[0]
+            grp = torch.zeros(n + ipc, dtype=torch.long)
+            prm = augment.sample(n + ipc, pool.info.image_size, g, op_groups=grp, param_groups=grp)
+            real = augment.apply(real, prm.rows(0, n))
+            syn = augment.apply(syn, prm.rows(n, n + ipc))
+        out_real = net.embed(real).detach()
         out_syn = net.embed(syn)
         loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
     opt.zero_grad()

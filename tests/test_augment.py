@@ -110,3 +110,17 @@ def test_rotation_bounded():
     y = DSA("rotate")(x, make_generator(0))
     top = y[:, 0, 2].argmax(1).float()
     assert float((top - 16).abs().max()) <= math.tan(math.radians(15)) * 16 + 1.5
+
+
+def test_sample_then_apply_by_rows_equals_one_call():
+    """Real and synthetic parts augmented separately get exactly the siamese transformation."""
+    x = _x(n=6)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    dsa = DSA()
+    for seed in range(8):
+        whole = dsa(x, make_generator(seed), op_groups=groups, param_groups=groups)
+        prm = dsa.sample(6, (16, 16), make_generator(seed), op_groups=groups, param_groups=groups)
+        parts = torch.cat([dsa.apply(x[:4], prm.rows(0, 4)), dsa.apply(x[4:], prm.rows(4, 6))])
+        assert torch.equal(whole, parts)
+    with pytest.raises(ValueError, match="parameters for 4 images"):
+        dsa.apply(x, prm.rows(0, 4))

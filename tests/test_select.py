@@ -18,7 +18,7 @@ from tinyset.utils import make_generator
 
 INFO = DatasetInfo("tiny-sel", 1, (8, 8), 3, ("a", "b", "c"), (0.3,), (0.35,))
 PER_CLASS = 30
-METHODS = ["random", "herding", "kcenter", "forgetting"]
+METHODS = ["random", "herding", "k-center", "forgetting"]
 #: options that keep every end-to-end run well under a second on a CPU
 FAST = {"forgetting": {"epochs": 2, "batch_size": 32, "precision": "fp32"}}
 
@@ -175,7 +175,7 @@ def test_embed_dataset_batches_and_seed(train: ImageDataset) -> None:
 
 
 def test_kcenter_picks_the_outlier(train: ImageDataset) -> None:
-    syn = select("kcenter", train, 2, seed=0)
+    syn = select("k-center", train, 2, seed=0)
     outlier = 3 * (PER_CLASS - 1)
     assert outlier in syn.meta["source_indices"]
 

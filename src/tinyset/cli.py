@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +37,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: preset's, 0.01)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 256)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (default: 5e-4)")
     p.add_argument("--augment", choices=("dsa", "none"), default=None, help="train-time augmentation")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bfloat16 autocast where the hardware runs it natively (default)")
@@ -51,6 +52,7 @@ def _protocol_from(args: argparse.Namespace, default: str) -> Any:
 
     return Protocol.preset(args.protocol or default, num_models=args.num_models, epochs=args.epochs,
                            lr=args.lr, batch_size=args.batch_size, augment=args.augment,
+                           momentum=args.momentum, weight_decay=args.weight_decay,
                            precision=args.precision,
                            compile={"auto": None, "on": True, "off": False}[args.compile])
 
@@ -284,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("select", "distill", "evaluate", "baseline"):
+        from tinyset.utils import tune_allocator
+
+        tune_allocator()
     try:
         return int(args.fn(args) or 0)
     except TinysetError as exc:

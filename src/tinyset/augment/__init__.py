@@ -1,5 +1,5 @@
 """Augmentation: Differentiable Siamese Augmentation (DSA)."""
-from tinyset.augment.dsa import DEFAULT_STRATEGY, DSA, OPS, DSAParams, parse_strategy
+from tinyset.augment.dsa import DEFAULT_STRATEGY, DSA, OPS, AugParams, DSAParams, parse_strategy
 
 
 def default_strategy(dataset: str) -> str:
@@ -9,4 +9,4 @@ def default_strategy(dataset: str) -> str:
     return DEFAULT_STRATEGY
 
 
-__all__ = ["DSA", "DSAParams", "OPS", "DEFAULT_STRATEGY", "parse_strategy", "default_strategy"]
+__all__ = ["DSA", "AugParams", "DSAParams", "OPS", "DEFAULT_STRATEGY", "parse_strategy", "default_strategy"]

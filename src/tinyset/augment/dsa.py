@@ -89,14 +89,18 @@ class DSA:
     def __call__(self, x: torch.Tensor, generator: torch.Generator,
                  op_groups: torch.Tensor | None = None,
                  param_groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample parameters for the batch and apply them (see :meth:`sample`)."""
         if not self.ops:
             return x
         n, _, h, w = x.shape
-        dev = x.device
-        if param_groups is None:
-            pg = torch.arange(n)
-        else:
-            pg = param_groups.detach().to("cpu", torch.int64)
+        return self.apply(x, self.sample(n, (h, w), generator, op_groups, param_groups))
+
+    def sample(self, n: int, size: tuple[int, int], generator: torch.Generator,
+               op_groups: torch.Tensor | None = None,
+               param_groups: torch.Tensor | None = None) -> "AugParams":
+        """Draw the parameters of ``n`` images of ``size`` (H, W); rows can be split with ``rows``."""
+        h, w = size
+        pg = torch.arange(n) if param_groups is None else param_groups.detach().to("cpu", torch.int64)
         gp = int(pg.max().item()) + 1 if n else 0
         if self.mode == "single":
             og = torch.zeros(n, dtype=torch.int64) if op_groups is None else op_groups.detach().to("cpu", torch.int64)
@@ -108,50 +112,79 @@ class DSA:
         else:
             active = {op: torch.ones(n, dtype=torch.bool) for op in self.ops}
 
-        def rand(*shape: int) -> torch.Tensor:  # one draw per parameter group, gathered per image
-            return torch.rand((gp,) + shape, generator=generator)[pg]
+        def rand() -> torch.Tensor:  # one draw per parameter group, gathered per image
+            return torch.rand(gp, generator=generator)[pg]
 
         p = self.params
+        vals: dict[str, torch.Tensor] = {}
         if "color" in active:
-            rb, rs, rc = rand(), rand(), rand()
-            x = _on_subset(x, active["color"], lambda xs, i: _color(
-                xs, ((rb[i] - 0.5) * p.brightness).to(dev), (rs[i] * p.saturation).to(dev),
-                (rc[i] + p.contrast).to(dev)))
+            vals["bright"] = (rand() - 0.5) * p.brightness
+            vals["sat"] = rand() * p.saturation
+            vals["contrast"] = rand() + p.contrast
         if "crop" in active:
             sh, sw = int(h * p.ratio_crop_pad + 0.5), int(w * p.ratio_crop_pad + 0.5)
-            ty = (rand() * (2 * sh + 1)).floor().long().clamp(max=2 * sh) - sh
-            tx = (rand() * (2 * sw + 1)).floor().long().clamp(max=2 * sw) - sw
-            x = _on_subset(x, active["crop"], lambda xs, i: _translate(xs, ty[i].to(dev), tx[i].to(dev)))
+            vals["ty"] = (rand() * (2 * sh + 1)).floor().long().clamp(max=2 * sh) - sh
+            vals["tx"] = (rand() * (2 * sw + 1)).floor().long().clamp(max=2 * sw) - sw
         if "cutout" in active:
             ch, cw = int(h * p.ratio_cutout + 0.5), int(w * p.ratio_cutout + 0.5)
             hi_y, hi_x = h + (1 - ch % 2), w + (1 - cw % 2)
-            oy = (rand() * hi_y).floor().long().clamp(max=hi_y - 1)
-            ox = (rand() * hi_x).floor().long().clamp(max=hi_x - 1)
-            x = _on_subset(x, active["cutout"], lambda xs, i: _cutout(xs, oy[i].to(dev), ox[i].to(dev), ch, cw))
+            vals["oy"] = (rand() * hi_y).floor().long().clamp(max=hi_y - 1) - ch // 2
+            vals["ox"] = (rand() * hi_x).floor().long().clamp(max=hi_x - 1) - cw // 2
         if "flip" in active:
-            do_flip = rand() < p.prob_flip
-            x = _on_subset(x, active["flip"] & do_flip, lambda xs, i: xs.flip(3))
-        geo = [op for op in ("scale", "rotate") if op in active]
-        if geo:
+            active["flip"] = active["flip"] & (rand() < p.prob_flip)
+        if "scale" in active or "rotate" in active:
             eye = torch.eye(2).expand(n, 2, 2)
             scale_m, rot_m = eye, eye
+            none = torch.zeros(n, dtype=torch.bool)
             if "scale" in active:
                 r = p.ratio_scale
                 sx = rand() * (r - 1.0 / r) + 1.0 / r
                 sy = rand() * (r - 1.0 / r) + 1.0 / r
                 on = active["scale"]
-                sx, sy = torch.where(on, sx, 1.0), torch.where(on, sy, 1.0)
-                scale_m = torch.diag_embed(torch.stack([sx, sy], 1))
+                scale_m = torch.diag_embed(torch.stack([torch.where(on, sx, 1.0), torch.where(on, sy, 1.0)], 1))
             if "rotate" in active:
                 t = (rand() - 0.5) * 2 * p.ratio_rotate / 180 * math.pi
                 t = torch.where(active["rotate"], t, 0.0)
                 c, s = torch.cos(t), torch.sin(t)
                 rot_m = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)
-            mat = scale_m @ rot_m
-            theta = torch.cat([mat, torch.zeros(n, 2, 1)], 2)
-            mask = active.get("scale", torch.zeros(n, dtype=torch.bool)) | active.get("rotate", torch.zeros(n, dtype=torch.bool))
-            x = _on_subset(x, mask, lambda xs, i: _affine(xs, theta[i].to(dev)))
+            vals["theta"] = torch.cat([scale_m @ rot_m, torch.zeros(n, 2, 1)], 2)
+            active["affine"] = active.pop("scale", none) | active.pop("rotate", none)
+        return AugParams(n, (h, w), active, vals, (int(h * p.ratio_cutout + 0.5), int(w * p.ratio_cutout + 0.5)))
+
+    def apply(self, x: torch.Tensor, prm: "AugParams") -> torch.Tensor:
+        """Apply sampled parameters; ``x`` has ``prm.n`` images. Differentiable in ``x``."""
+        if x.shape[0] != prm.n or tuple(x.shape[2:]) != prm.size:
+            raise ValueError(f"parameters for {prm.n} images of {prm.size}, got {tuple(x.shape)}")
+        dev, a, v = x.device, prm.active, prm.values
+        if "color" in a:
+            x = _on_subset(x, a["color"], lambda xs, i: _color(
+                xs, v["bright"][i].to(dev), v["sat"][i].to(dev), v["contrast"][i].to(dev)))
+        if "crop" in a:
+            x = _on_subset(x, a["crop"], lambda xs, i: _translate(xs, v["ty"][i].to(dev), v["tx"][i].to(dev)))
+        if "cutout" in a:
+            ch, cw = prm.cutout_size
+            x = _on_subset(x, a["cutout"], lambda xs, i: _cutout(xs, v["oy"][i].to(dev), v["ox"][i].to(dev), ch, cw))
+        if "flip" in a:
+            x = _on_subset(x, a["flip"], lambda xs, i: xs.flip(3))
+        if "affine" in a:
+            x = _on_subset(x, a["affine"], lambda xs, i: _affine(xs, v["theta"][i].to(dev)))
         return x
+
+
+@dataclass
+class AugParams:
+    """Sampled DSA parameters for ``n`` images: which ops are active per image, and their values."""
+
+    n: int
+    size: tuple[int, int]
+    active: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    cutout_size: tuple[int, int]
+
+    def rows(self, start: int, stop: int) -> "AugParams":
+        """The parameters of images ``start:stop`` (e.g. the real or the synthetic part of a batch)."""
+        return AugParams(stop - start, self.size, {k: t[start:stop] for k, t in self.active.items()},
+                         {k: t[start:stop] for k, t in self.values.items()}, self.cutout_size)
 
 
 def _on_subset(x: torch.Tensor, mask: torch.Tensor,
@@ -168,7 +201,7 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor,
 
 def _color(x: torch.Tensor, b: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     shape = (-1, 1, 1, 1)
-    x = x + b.view(shape).to(x.dtype)
+    x = x + b.view(shape).to(x.dtype)  # brightness
     m = x.mean(dim=1, keepdim=True)
     x = (x - m) * s.view(shape).to(x.dtype) + m
     m = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -186,12 +219,12 @@ def _translate(x: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor) -> torch.Ten
     return out * valid.to(x.dtype)
 
 
-def _cutout(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, ch: int, cw: int) -> torch.Tensor:
+def _cutout(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, ch: int, cw: int) -> torch.Tensor:
+    """Zero the ``ch x cw`` square whose top-left corner is ``(y0, x0)`` (clipped to the image)."""
     n, _, h, w = x.shape
     r = torch.arange(h, device=x.device).view(1, h)
     c = torch.arange(w, device=x.device).view(1, w)
-    y0 = (oy - ch // 2).view(n, 1)
-    x0 = (ox - cw // 2).view(n, 1)
+    y0, x0 = y0.view(n, 1), x0.view(n, 1)
     rin = (r >= y0) & (r < y0 + ch)
     cin = (c >= x0) & (c < x0 + cw)
     keep = ~(rin.view(n, 1, h, 1) & cin.view(n, 1, 1, w))

@@ -74,7 +74,7 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
             cb = lambda ep, loss, acc, _n=name: progress(_n, ep, protocol.epochs, loss, acc)  # noqa: E731
         train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb)
         train_s = time.perf_counter() - start
-        accs = test_accuracy(model, test_x, test_y, precision=settings.precision)
+        accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile)
         total_s = time.perf_counter() - start
         mean, std = mean_std(accs)
         rows.append({"model": name, "accuracies": accs, "mean": mean, "std": std,

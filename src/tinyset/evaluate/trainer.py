@@ -119,16 +119,25 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
 
 @torch.no_grad()
 def test_accuracy(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
-                  batch_size: int = 1000) -> list[float]:
+                  batch_size: int = 1000, compile: bool = False) -> list[float]:
     """Accuracy of every member on ``(images, labels)`` (normalised float images, int labels)."""
     model.eval()
     m = model.members
+    forward = _maybe_compile(model, compile)
     correct = torch.zeros(m, dtype=torch.long)
     for b0 in range(0, images.shape[0], batch_size):
         x = images[b0:b0 + batch_size]
         y = labels[b0:b0 + batch_size]
-        with autocast(images.device, precision):
-            out = model(x)
+        try:
+            with autocast(images.device, precision):
+                out = forward(x)
+        except Exception as exc:  # compile failures surface at the first call
+            if forward is model:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); testing in eager mode")
+            forward = model
+            with autocast(images.device, precision):
+                out = forward(x)
         out = out.reshape(x.shape[0], m, -1)
         correct += (out.argmax(-1) == y.view(-1, 1)).sum(0).cpu()
     model.train()

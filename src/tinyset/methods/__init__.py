@@ -9,11 +9,6 @@ from tinyset.registry import Registry
 
 METHODS: Registry = Registry("method")
 
-for _mod in ("dm", "dc"):
-    try:
-        __import__(f"tinyset.methods.{_mod}")
-    except ModuleNotFoundError as _exc:  # pragma: no cover - module being written
-        if _exc.name != f"tinyset.methods.{_mod}":
-            raise
+from tinyset.methods import dc, dm  # noqa: E402,F401  (each module registers itself)
 
 __all__ = ["METHODS"]

@@ -36,6 +36,21 @@ class Method:
         """One outer iteration; returns the mean matching loss per class."""
         raise NotImplementedError
 
+    def siamese(self, real: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
+                real_groups: torch.Tensor, syn_groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment real and synthetic images so that equal group ids share one transformation.
+
+        The real images are augmented without autograd; gradients flow to ``syn`` only.
+        """
+        if not self.augment:
+            return real, syn
+        groups = torch.cat([real_groups, syn_groups])
+        prm = self.augment.sample(len(groups), self.info.image_size, gen, op_groups=groups, param_groups=groups)
+        n = real.shape[0]
+        with torch.no_grad():
+            real = self.augment.apply(real, prm.rows(0, n))
+        return real, self.augment.apply(syn, prm.rows(n, len(groups)))
+
     @staticmethod
     def check_finite(loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss)):

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyset.augment import DSA
 from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
 from tinyset.methods.base import Method
@@ -118,10 +117,8 @@ class GradientMatching(Method):
             for c in range(k):
                 real = self.pool.sample_class(c, int(cfg["batch_real"]), gen)
                 syn = images[c * ipc:(c + 1) * ipc]
-                if self.augment:
-                    groups = torch.zeros(real.shape[0] + ipc, dtype=torch.long)
-                    both = self.augment(torch.cat([real, syn]), gen, op_groups=groups, param_groups=groups)
-                    real, syn = both[: real.shape[0]].detach(), both[real.shape[0]:]
+                real, syn = self.siamese(real, syn, gen, torch.zeros(real.shape[0], dtype=torch.long),
+                                         torch.zeros(ipc, dtype=torch.long))
                 with autocast(self.device, self.precision):
                     out_real = net(real)
                 target = torch.full((real.shape[0],), c, dtype=torch.long, device=self.device)

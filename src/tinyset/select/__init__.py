@@ -5,12 +5,12 @@ Every selector is registered in :data:`SELECTORS` as ``fn(train, ipc, generator,
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 import torch
 
-from tinyset import __version__
 from tinyset.data.base import ImageDataset, check_ipc
 from tinyset.registry import Registry
 from tinyset.utils import make_generator
@@ -33,7 +33,10 @@ def select(method: str, train: ImageDataset, ipc: int, seed: int = 0, device: st
         raise RuntimeError(f"selector {method} returned per-class counts {counts.tolist()}, expected {ipc}")
     order = torch.argsort(train.labels[idx], stable=True)
     idx = idx[order]
-    meta = {"method": f"select:{SELECTORS._key(method)}", "config": {"ipc": ipc, **options},
+    # record every option with its effective value (defaults included)
+    defaults = {name: p.default for name, p in list(inspect.signature(fn).parameters.items())[4:]
+                if p.default is not inspect.Parameter.empty}
+    meta = {"method": f"select:{SELECTORS._key(method)}", "config": {"ipc": ipc, **defaults, **options},
             "seed": seed, "iterations": 0, "wall_time_s": time.perf_counter() - start,
             "source_indices": idx.tolist(), "source_split": train.split}
     return SyntheticSet.from_real(train.images[idx], train.labels[idx], train.info, meta=meta)
@@ -44,14 +47,7 @@ def per_class_indices(train: ImageDataset) -> list[torch.Tensor]:
     return [(train.labels == c).nonzero().flatten() for c in range(train.info.num_classes)]
 
 
-# register the built-in selectors
-from tinyset.select import random as _random  # noqa: E402,F401
-
-for _mod in ("herding", "kcenter", "forgetting"):
-    try:
-        __import__(f"tinyset.select.{_mod}")
-    except ModuleNotFoundError as _exc:  # pragma: no cover - module being written
-        if _exc.name != f"tinyset.select.{_mod}":
-            raise
+# register the built-in selectors (each module registers itself)
+from tinyset.select import forgetting, herding, kcenter, random  # noqa: E402,F401
 
 __all__ = ["SELECTORS", "select", "per_class_indices"]

@@ -55,7 +55,7 @@ def kcenter_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     return order
 
 
-@SELECTORS.register("kcenter", help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)")
+@SELECTORS.register("k-center", help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)")
 def kcenter_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
                    model: str = "convnet", pretrain_epochs: int = 0, batch_size: int = 1000,
                    precision: str = "fp32") -> torch.Tensor:

@@ -54,13 +54,12 @@ def resolve_config(method: str, dataset: str, ipc: int, preset: str = "cpu",
         cfg["preset_file"] = f"{key}_default_{preset}"
     cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
     cfg.update(method=key, dataset=dataset, ipc=ipc, preset=preset)
-    if key in ("dc", "dsa") and (cfg.get("outer_loop") is None or cfg.get("inner_loop") is None):
+    if key in ("dc", "dsa"):  # loop counts missing from the preset follow loops_for(ipc)
         from tinyset.methods.dc import loops_for
 
-        outer, inner = loops_for(ipc)
-        cfg.setdefault("outer_loop", outer)
-        cfg["outer_loop"] = cfg["outer_loop"] if cfg["outer_loop"] is not None else outer
-        cfg["inner_loop"] = cfg.get("inner_loop") if cfg.get("inner_loop") is not None else inner
+        for name, value in zip(("outer_loop", "inner_loop"), loops_for(ipc)):
+            if cfg.get(name) is None:
+                cfg[name] = value
     if int(cfg.get("iterations", 0)) < 1:
         raise ConfigError(f"iterations must be >= 1, got {cfg.get('iterations')}")
     if float(cfg.get("lr_img", 0)) <= 0:

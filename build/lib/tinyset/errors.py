@@ -1,0 +1,21 @@
+"""Exceptions raised by tinyset. Every message says what was wrong, where, and what was expected."""
+
+
+class TinysetError(Exception):
+    """Base class of all errors tinyset raises on bad input."""
+
+
+class DataError(TinysetError):
+    """A dataset file is missing, truncated, corrupt or of the wrong format."""
+
+
+class ConfigError(TinysetError):
+    """A bad argument, preset or configuration value."""
+
+
+class ArtifactError(TinysetError):
+    """A synthetic-set or checkpoint file cannot be read."""
+
+
+class NumericalError(TinysetError):
+    """A run produced NaN or inf."""

@@ -1,0 +1,67 @@
+"""Evaluation protocols: named presets (``presets/evaluate/*.json``) plus overrides."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tinyset.config import load_preset
+from tinyset.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a set is evaluated: train fresh networks on it, report test accuracy after the last epoch."""
+
+    name: str = "dsa"
+    source: str = ""
+    epochs: int = 1000
+    lr: float | None = 0.01  # None: use the synthetic set's learned lr (error if it has none)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    lr_decay_at: float = 0.5
+    lr_decay_factor: float = 0.1
+    augment: str = "dsa"  # dsa | none
+    dsa_strategy: str | None = None  # None: the dataset's default (no flips for digits)
+    num_models: int = 5
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool | None = None  # None: compile when the run is long enough to pay for it
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.num_models < 1:
+            raise ConfigError(f"num_models must be >= 1, got {self.num_models}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.augment not in ("dsa", "none"):
+            raise ConfigError(f"augment must be 'dsa' or 'none', got {self.augment!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not d["overrides"]:
+            d.pop("overrides")
+        return d
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "Protocol":
+        """Load the named preset and apply ``overrides`` (``None`` values are ignored)."""
+        data = load_preset("evaluate", name)
+        known = set(cls.__dataclass_fields__)
+        bad = [k for k in data if k not in known]
+        if bad:
+            raise ConfigError(f"evaluate preset {name!r} has unknown keys {bad}")
+        proto = cls(**data)
+        return proto.with_overrides(**overrides)
+
+    def with_overrides(self, **overrides: Any) -> "Protocol":
+        given = {k: v for k, v in overrides.items() if v is not None}
+        bad = [k for k in given if k not in self.__dataclass_fields__]
+        if bad:
+            raise ConfigError(f"unknown protocol setting(s) {bad}")
+        if not given:
+            return self
+        return replace(self, **given, overrides={**self.overrides, **given})

@@ -1,0 +1,43 @@
+"""The ConvNet family of the dataset-distillation literature (Zhao et al.'s ``networks.py``).
+
+Per block: conv3x3 -> norm -> activation -> pooling; a linear classifier on the flattened
+features. Default width 128, depth 3, InstanceNorm (= ``GroupNorm(C, C)``), ReLU, average pooling.
+Single-channel 28x28 images are treated as 32x32 by padding the first convolution by 3.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from tinyset.errors import ConfigError
+from tinyset.models.base import TinyNet
+from tinyset.models.layers import Conv2d, Flatten, Linear, make_activation, make_norm, make_pool
+
+
+class ConvNet(TinyNet):
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int], members: int = 1,
+                 width: int = 128, depth: int = 3, norm: str = "instancenorm", act: str = "relu",
+                 pooling: str = "avgpooling", name: str = "convnet"):
+        super().__init__(name, channels, num_classes, image_size, members, width=width, depth=depth,
+                         norm=norm, act=act, pooling=pooling)
+        if depth < 1:
+            raise ConfigError(f"ConvNet depth must be >= 1, got {depth}")
+        h, w = image_size
+        layers: list[nn.Module] = []
+        cin = channels
+        for d in range(depth):
+            pad = 3 if (d == 0 and channels == 1 and (h, w) == (28, 28)) else 1
+            h, w = h + 2 * pad - 2, w + 2 * pad - 2
+            layers.append(Conv2d(cin, width, 3, padding=pad, members=members))
+            layers.append(make_norm(norm, width, (h, w), members))
+            layers.append(make_activation(act))
+            if pooling != "none":
+                if h < 2 or w < 2:
+                    raise ConfigError(f"ConvNet depth {depth} pools {image_size[0]}x{image_size[1]} "
+                                      f"images below 1x1; use a smaller depth")
+                layers.append(make_pool(pooling))
+                h, w = h // 2, w // 2
+            cin = width
+        layers.append(Flatten(members))
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = width * h * w
+        self.classifier = Linear(self.feature_dim, num_classes, members)

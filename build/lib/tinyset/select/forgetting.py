@@ -1,0 +1,147 @@
+"""Forgetting-score selection: keep the examples a network forgets most often while training.
+
+Toneva et al., "An Empirical Study of Example Forgetting during Deep Neural Network Learning"
+(ICLR 2019): while a network trains, every presentation of an example records whether it was
+classified correctly; a *forgetting event* is a presentation where the example is misclassified
+after having been classified correctly at its previous presentation. Examples never classified
+correctly count as forgotten infinitely often. Per class, the ``ipc`` examples with the most
+forgetting events are kept (the selection used as a coreset baseline by DeepCore, Guo et al.,
+DEXA 2022).
+
+Here a freshly initialised one-member network (ConvNet by default) trains on the real training
+set for ``epochs`` epochs (default 3; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
+no augmentation) and correctness is read from the forward pass of each training step. The short
+schedule and ``max_train`` (a seeded, class-stratified subsample) keep it affordable on a CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tinyset.data.base import ImageDataset
+from tinyset.errors import ConfigError, NumericalError
+from tinyset.models import create_model
+from tinyset.select import SELECTORS, per_class_indices
+from tinyset.utils import autocast, derive_seed, make_generator, resolve_precision
+
+
+def count_forgetting(history: torch.Tensor) -> torch.Tensor:
+    """Forgetting events per example from a correctness history.
+
+    ``history`` is a bool ``[T, N]`` tensor: row ``t`` says whether each of the ``N`` examples was
+    classified correctly at its ``t``-th presentation. Returns ``float64 [N]``: the number of
+    ``True -> False`` transitions between consecutive presentations, or ``+inf`` for examples that
+    were never classified correctly (Toneva et al.). The first presentation is never a forgetting
+    event.
+    """
+    if history.dim() != 2:
+        raise ValueError(f"history must be [T, N], got shape {tuple(history.shape)}")
+    h = history.to(torch.bool)
+    events = (h[:-1] & ~h[1:]).sum(dim=0).to(torch.float64)
+    events[~h.any(dim=0)] = math.inf
+    return events
+
+
+def most_forgotten(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions ``int64 [k]`` of the ``k`` largest ``counts`` (``+inf`` first; ties: lowest position)."""
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be [N], got shape {tuple(counts.shape)}")
+    if not 0 <= k <= counts.numel():
+        raise ValueError(f"cannot pick {k} of {counts.numel()} examples")
+    return torch.sort(counts, descending=True, stable=True).indices[:k]
+
+
+def stratified_subset(train: ImageDataset, max_train: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of a random class-stratified subset of about ``max_train`` images.
+
+    Class ``c`` keeps ``max(ipc, floor(max_train * n_c / N))`` of its ``n_c`` images (at most all),
+    so every class can still supply ``ipc`` picks.
+    """
+    n = len(train)
+    if max_train >= n:
+        return torch.arange(n)
+    keep = []
+    for idx in per_class_indices(train):
+        quota = min(idx.numel(), max(ipc, (max_train * idx.numel()) // n))
+        keep.append(idx[torch.randperm(idx.numel(), generator=generator)[:quota]])
+    return torch.cat(keep).sort().values
+
+
+def forgetting_history(train: ImageDataset, generator: torch.Generator, device: torch.device,
+                       model: str = "convnet", epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
+                       precision: str = "auto") -> torch.Tensor:
+    """Train a fresh ``model`` on all of ``train``; bool ``[epochs, N]`` correctness per presentation.
+
+    Every epoch presents each example once (a new shuffle drawn from ``generator``); entry
+    ``[e, i]`` is whether example ``i`` was classified correctly by the forward pass of the training
+    step it was part of in epoch ``e`` (before that step's update).
+    """
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    info = train.info
+    net = create_model(model, info.channels, info.num_classes, info.image_size, members=1,
+                       generator=make_generator(derive_seed(generator)), device=device)
+    shuffle = make_generator(derive_seed(generator))
+    images = train.normalized(device)
+    labels = train.labels.to(device)
+    n = len(train)
+    bs = min(batch_size, n)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    history = torch.zeros(epochs, n, dtype=torch.bool)
+    net.train()
+    steps_per_epoch = math.ceil(n / bs)
+    with tqdm(total=epochs * steps_per_epoch, desc="forgetting", unit="batch", disable=None,
+              leave=False) as bar:
+        for ep in range(epochs):
+            perm = torch.randperm(n, generator=shuffle)
+            for b0 in range(0, n, bs):
+                idx = perm[b0:b0 + bs]
+                dev_idx = idx.to(device)
+                x, y = images.index_select(0, dev_idx), labels.index_select(0, dev_idx)
+                with autocast(device, precision):
+                    out = net(x)
+                out = out.float()
+                loss = F.cross_entropy(out, y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise NumericalError(f"forgetting: training loss became {loss_value} in epoch {ep}")
+                history[ep, idx] = (out.detach().argmax(dim=1) == y).cpu()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(epoch=ep + 1, loss=f"{loss_value:.3f}", refresh=False)
+    return history
+
+
+@SELECTORS.register("forgetting", help="per class, the most-forgotten examples while training a ConvNet (Toneva 2019)")
+def forgetting_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
+                      model: str = "convnet", epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
+                      precision: str = "auto", max_train: int | None = None) -> torch.Tensor:
+    """The ``ipc`` examples per class with the most forgetting events (never learned first)."""
+    if epochs < 1:
+        raise ConfigError(f"forgetting needs epochs >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if max_train is not None:
+        if max_train < 1:
+            raise ConfigError(f"max_train must be >= 1, got {max_train}")
+        subset = stratified_subset(train, int(max_train), ipc, make_generator(derive_seed(generator)))
+        data = ImageDataset(train.info, train.split, train.images[subset], train.labels[subset], train.source)
+    else:
+        subset = torch.arange(len(train))
+        data = train
+    history = forgetting_history(data, generator, device, model=model, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, precision=precision)
+    counts = count_forgetting(history)
+    picks = []
+    for idx in per_class_indices(data):  # positions in `data`, ascending
+        picks.append(subset[idx[most_forgotten(counts[idx], ipc)]])
+    return torch.cat(picks)
+
+
+__all__ = ["count_forgetting", "most_forgotten", "stratified_subset", "forgetting_history",
+           "forgetting_select"]

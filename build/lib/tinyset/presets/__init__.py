@@ -1,1 +1,0 @@
-"""Preset files (JSON data, each with its source), installed as the package ``tinyset.presets``."""

@@ -78,3 +78,18 @@ def select_by_order(train: ImageDataset, ipc: int, emb: torch.Tensor, order_fn: 
 
 
 __all__ = ["OrderFn", "embed_dataset", "select_by_order"]
+
+
+def embedding_selector(order_fn: OrderFn, doc: str):
+    """A selector that embeds the training set with a ConvNet and orders each class with ``order_fn``."""
+
+    def selector(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
+                 model: str = "convnet", pretrain_epochs: int = 0, batch_size: int = 1000,
+                 precision: str = "fp32") -> torch.Tensor:
+        emb = embed_dataset(train, model, generator=generator, device=device, batch_size=batch_size,
+                            precision=precision, pretrain_epochs=pretrain_epochs)
+        return select_by_order(train, ipc, emb, order_fn)
+
+    selector.__doc__ = doc
+    return selector
+

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tinyset.data.base import ImageDataset
 from tinyset.select import SELECTORS
-from tinyset.select._embed import embed_dataset, select_by_order
+from tinyset.select._embed import embedding_selector
 
 
 def herding_order(emb: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,14 +48,8 @@ def herding_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     return order
 
 
-@SELECTORS.register("herding", help="per class, greedy running-mean matching of ConvNet embeddings (Welling 2009)")
-def herding_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
-                   model: str = "convnet", pretrain_epochs: int = 0, batch_size: int = 1000,
-                   precision: str = "fp32") -> torch.Tensor:
-    """Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."""
-    emb = embed_dataset(train, model, generator=generator, device=device, batch_size=batch_size,
-                        precision=precision, pretrain_epochs=pretrain_epochs)
-    return select_by_order(train, ipc, emb, herding_order)
+herding_select = SELECTORS.register("herding", embedding_selector(herding_order, "Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+                              help="per class, greedy running-mean matching of ConvNet embeddings (Welling 2009)")
 
 
 __all__ = ["herding_order", "herding_select"]

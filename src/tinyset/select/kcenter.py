@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from tinyset.data.base import ImageDataset
 from tinyset.select import SELECTORS
-from tinyset.select._embed import embed_dataset, select_by_order
+from tinyset.select._embed import embedding_selector
 
 
 def _sq_dist_to(e: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -55,14 +54,8 @@ def kcenter_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     return order
 
 
-@SELECTORS.register("k-center", help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)")
-def kcenter_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
-                   model: str = "convnet", pretrain_epochs: int = 0, batch_size: int = 1000,
-                   precision: str = "fp32") -> torch.Tensor:
-    """K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."""
-    emb = embed_dataset(train, model, generator=generator, device=device, batch_size=batch_size,
-                        precision=precision, pretrain_epochs=pretrain_epochs)
-    return select_by_order(train, ipc, emb, kcenter_order)
+kcenter_select = SELECTORS.register("k-center", embedding_selector(kcenter_order, "K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+                              help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)")
 
 
 __all__ = ["kcenter_order", "kcenter_select"]

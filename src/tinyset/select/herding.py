@@ -48,8 +48,11 @@ def herding_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     return order
 
 
-herding_select = SELECTORS.register("herding", embedding_selector(herding_order, "Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
-                              help="per class, greedy running-mean matching of ConvNet embeddings (Welling 2009)")
+herding_select = SELECTORS.register(
+    "herding",
+    embedding_selector(herding_order, "Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+    help="per class, greedy running-mean matching of ConvNet embeddings (Welling 2009)",
+)
 
 
 __all__ = ["herding_order", "herding_select"]

@@ -54,8 +54,11 @@ def kcenter_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     return order
 
 
-kcenter_select = SELECTORS.register("k-center", embedding_selector(kcenter_order, "K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
-                              help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)")
+kcenter_select = SELECTORS.register(
+    "k-center",
+    embedding_selector(kcenter_order, "K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+    help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)",
+)
 
 
 __all__ = ["kcenter_order", "kcenter_select"]

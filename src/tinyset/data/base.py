@@ -8,7 +8,7 @@ normalised in memory (float, on a device) with a per-class index for O(1) batch 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -201,5 +201,5 @@ def check_ipc(data: ImageDataset, ipc: int, what: str = "ipc") -> None:
 
 __all__: Sequence[str] = [
     "DatasetInfo", "ImageDataset", "RealPool", "DatasetSpec", "DATASETS", "default_data_root",
-    "get_spec", "load_dataset", "split_validation", "check_ipc", "field",
+    "get_spec", "load_dataset", "split_validation", "check_ipc",
 ]

@@ -8,7 +8,6 @@ same as training the M networks one after another, only faster.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -142,11 +141,3 @@ def test_accuracy(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, pr
         correct += (out.argmax(-1) == y.view(-1, 1)).sum(0).cpu()
     model.train()
     return (correct.double() / images.shape[0]).tolist()
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.start

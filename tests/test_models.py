@@ -36,6 +36,40 @@ def test_convnet_reference_semantics():
         (9 * 128 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + 2048 * 10 + 10)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_instancenorm_cancels_conv_bias_exactly(compiled):
+    """The conv bias before an InstanceNorm is skipped: same function as adding it, zero gradient."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+    m = create_model("convnet", 1, 10, 28, seed=0)
+    with torch.no_grad():
+        for p in m.parameters():  # make biases and norm affines large so a wrong path would show
+            if p.dim() == 1:
+                p.uniform_(-2, 2)
+    x = torch.randn(3, 1, 28, 28)
+
+    def reference(x):  # the reference ConvNet, written out with torch.nn.functional
+        h = x
+        for conv, norm in [(m.features[i], m.features[i + 1]) for i in (0, 4, 8)]:
+            h = F.conv2d(h, conv.weight, conv.bias, padding=conv.padding)
+            h = F.avg_pool2d(F.relu(F.group_norm(h, 128, norm.weight, norm.bias)), 2)
+        return F.linear(h.flatten(1), m.classifier.weight[0], m.classifier.bias[0])
+
+    fwd = torch.compile(m, dynamic=False) if compiled else m
+    out = fwd(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    convs = [m.features[i] for i in (0, 4, 8)]
+    assert all(c.bias_cancelled for c in convs)
+    for c in convs:  # exactly zero, not None: SGD's weight decay still applies as in the reference
+        assert c.bias.grad is not None and torch.equal(c.bias.grad, torch.zeros_like(c.bias))
+    assert convs[1].weight.grad.abs().sum() > 0
+    for name in ("convnet-bn", "convnet-gn", "convnet-ln", "convnet-nn"):
+        net = create_model(name, 1, 10, 28)
+        assert not any(getattr(l, "bias_cancelled", False) for l in net.modules()), name
+
+
 def test_same_seed_same_weights_and_no_global_rng():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()

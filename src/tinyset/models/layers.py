@@ -33,6 +33,27 @@ def _uniform_(t: torch.Tensor, bound: float, generator: torch.Generator) -> None
         t.copy_(vals)
 
 
+class _CancelledBias(torch.autograd.Function):
+    """``y`` unchanged, and an exact zero gradient for ``bias``.
+
+    Used when a per-channel bias is followed by a per-sample, per-channel normalisation
+    (InstanceNorm): the normalisation subtracts each channel's mean, so the bias cancels exactly and
+    its true gradient is zero. Skipping the addition (and the reduction its gradient would need)
+    saves a full pass over the largest activation of the network; the parameter stays, gets a zero
+    gradient and weight decay, exactly as in the reference where its gradient is rounding noise.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.bias_meta = (bias.shape, bias.dtype, bias.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.bias_meta
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 class Conv2d(nn.Module):
     """``members`` independent ``Conv2d(cin, cout, k)`` layers as one grouped convolution.
 
@@ -40,6 +61,9 @@ class Conv2d(nn.Module):
     CIFAR) run as an im2col matrix product instead: oneDNN's direct kernels are slow for one or
     three input channels, and the matrix product writes channels-last output that the next
     (grouped) convolution consumes without a copy. Both paths compute the same function.
+
+    ``bias_cancelled`` (set by the model when an InstanceNorm follows) skips adding the bias, which
+    that norm would remove anyway; see :class:`_CancelledBias`.
     """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -50,6 +74,7 @@ class Conv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(members * cout, cin, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(members * cout)) if bias else None
         self.use_matmul = cin * kernel_size * kernel_size <= 27 and stride == 1
+        self.bias_cancelled = False
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         fan_in = self.cin * self.k * self.k
@@ -59,11 +84,16 @@ class Conv2d(nn.Module):
             _uniform_(self.bias, bound, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias_cancelled else self.bias
         if self.use_matmul:
-            return self._forward_matmul(x)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, groups=self.members)
+            y = self._forward_matmul(x, bias)
+        else:
+            y = F.conv2d(x, self.weight, bias, self.stride, self.padding, groups=self.members)
+        if self.bias_cancelled and self.bias is not None:
+            y = _CancelledBias.apply(y, self.bias)
+        return y
 
-    def _forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, _, h, w = x.shape
         m, k, p = self.members, self.k, self.padding
         ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
@@ -71,8 +101,8 @@ class Conv2d(nn.Module):
         wt = self.weight.view(m, self.cout, self.cin * k * k).transpose(1, 2)  # [M, cin*k*k, cout]
         wmat = torch.block_diag(*wt.unbind(0)) if m > 1 else wt[0]  # [M*cin*k*k, M*cout]
         y = cols @ wmat.to(cols.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         # [N, Ho, Wo, M*cout] -> NCHW (eager GroupNorm is far slower on channels-last tensors)
         return y.view(n, ho, wo, m * self.cout).permute(0, 3, 1, 2).contiguous()
 
@@ -138,6 +168,13 @@ class LayerNorm(nn.Module):
         c, h, w = self.shape
         y = F.layer_norm(x.reshape(n, self.members, c * h * w), (c * h * w,), eps=self.eps)
         return y.reshape(x.shape) * self.weight + self.bias
+
+
+def norm_cancels_bias(kind: str) -> bool:
+    """Whether the norm ``kind`` removes a per-channel bias of its input exactly (per-sample,
+    per-channel mean subtraction: InstanceNorm). BatchNorm does not in eval mode; GroupNorm with
+    several channels per group and LayerNorm do not at all."""
+    return kind == "instancenorm"
 
 
 def make_norm(kind: str, channels: int, hw: tuple[int, int], members: int = 1) -> nn.Module:

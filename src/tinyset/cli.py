@@ -32,7 +32,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="convnet",
                    help="comma-separated architectures to train on the set (default: convnet)")
     p.add_argument("--protocol", default=None,
-                   help="evaluation preset: dsa (1000 epochs, DSA), noaug (300 epochs), quick, fulldata")
+                   help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
+                        "quick, fulldata (6 epochs, default of baseline), fulldata-long (16 epochs, DSA, 3 nets)")
     p.add_argument("--num-models", type=int, default=None, help="networks per architecture (default: preset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: preset's, 0.01)")

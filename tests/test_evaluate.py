@@ -96,8 +96,14 @@ def test_learned_lr_protocol_needs_one():
         evaluate_tensors(train.normalized(), train.labels, train.info, train, ["convnet-d1"], proto)
 
 
-def test_full_baseline_runs():
-    train = tiny_dataset(per_class=8)
-    proto = Protocol.preset("fulldata", epochs=2, num_models=1, precision="fp32", compile=False)
-    res = evaluate_full(train, tiny_dataset(per_class=3, split="test"), ["mlp"], proto)
+def test_full_baseline_runs_and_reports_progress_per_step():
+    train = tiny_dataset(per_class=8)  # 24 images, batch 10: 3 steps per epoch, the last one short
+    proto = Protocol.preset("fulldata", epochs=2, num_models=1, precision="fp32", compile=False, batch_size=10)
+    steps, epochs = [], []
+    res = evaluate_full(train, tiny_dataset(per_class=3, split="test"), ["mlp", "convnet-d1"], proto,
+                        progress=lambda *a: epochs.append(a[:3]),
+                        step_progress=lambda *a: steps.append(a))
     assert res["synset"]["method"] == "full-dataset" and res["num_images"] == 24
+    fractions = [pytest.approx(k / 3) for k in range(1, 7)]
+    assert steps == [(name, f, 2) for name in ("mlp", "convnet-d1") for f in fractions]
+    assert epochs == [(name, ep, 2) for name in ("mlp", "convnet-d1") for ep in (0, 1)]

@@ -58,18 +58,29 @@ def _protocol_from(args: argparse.Namespace, default: str) -> Any:
                            compile={"auto": None, "on": True, "off": False}[args.compile])
 
 
-def _progress_bar(total_models: int, epochs: int) -> tuple[Callable[..., None], Callable[[], None]]:
+def _progress_bar(models: list[str], epochs: int) -> tuple[Callable[..., None], Callable[..., None],
+                                                           Callable[[], None]]:
+    """A bar counted in epochs over all architectures, moved after every optimiser step (an epoch
+    of a full dataset is hundreds of steps), with the last epoch's loss and train accuracy."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_models * epochs, unit="epoch", dynamic_ncols=True, file=sys.stderr,
-               disable=None)
+    bar = tqdm(total=len(models) * epochs, unit="epoch", dynamic_ncols=True, file=sys.stderr,
+               disable=None, bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
 
-    def update(model: str, ep: int, total: int, loss: float, acc: float) -> None:
-        bar.set_description(model)
-        bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{acc:.3f}")
-        bar.update(1)
+    def on_epoch(model: str, ep: int, total: int, loss: float, acc: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{acc:.3f}", refresh=False)
 
-    return update, bar.close
+    state = {"index": -1, "model": None, "done": 0.0}
+
+    def on_step(model: str, epochs_done: float, total: int) -> None:
+        if model != state["model"] or epochs_done < state["done"]:  # the next architecture began
+            state["index"] += 1
+            state["model"] = model
+            bar.set_description(model, refresh=False)
+        state["done"] = epochs_done
+        bar.update(state["index"] * epochs + epochs_done - bar.n)
+
+    return on_epoch, on_step, bar.close
 
 
 def _print_results(res: dict[str, Any], json_out: str | None, title: str) -> None:
@@ -148,9 +159,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     protocol = _protocol_from(args, "dsa")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     test = _load_split(args, synset.info.name, "test")
-    update, close = _progress_bar(len(models), protocol.epochs)
+    on_epoch, on_step, close = _progress_bar(models, protocol.epochs)
     try:
-        res = evaluate_synset(synset, test, models, protocol, seed=args.seed, device=device, progress=update)
+        res = evaluate_synset(synset, test, models, protocol, seed=args.seed, device=device, progress=on_epoch,
+                              step_progress=on_step)
     finally:
         close()
     res["file"] = str(args.file)
@@ -168,9 +180,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     train = _load_split(args, args.dataset, "train")
     test = _load_split(args, args.dataset, "test")
-    update, close = _progress_bar(len(models), protocol.epochs)
+    on_epoch, on_step, close = _progress_bar(models, protocol.epochs)
     try:
-        res = evaluate_full(train, test, models, protocol, seed=args.seed, device=device, progress=update)
+        res = evaluate_full(train, test, models, protocol, seed=args.seed, device=device, progress=on_epoch,
+                            step_progress=on_step)
     finally:
         close()
     _print_results(res, args.json_out, f"full training set of {args.dataset} ({len(train)} images)")

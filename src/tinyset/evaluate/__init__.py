@@ -42,11 +42,13 @@ def make_augment(protocol: Protocol, dataset: str) -> DSA | None:
 def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, test: ImageDataset,
                      models: Sequence[str] = ("convnet",), protocol: Protocol | None = None,
                      seed: int = 0, device: str | torch.device = "cpu", learned_lr: float | None = None,
-                     progress: Callable[[str, int, int, float, float], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[str, int, int, float, float], None] | None = None,
+                     step_progress: Callable[[str, float, int], None] | None = None) -> dict[str, Any]:
     """Train ``protocol.num_models`` fresh networks of each architecture on ``(images, labels)``.
 
     Returns a JSON-ready dict: protocol, seed, per-model accuracies with mean and std, seconds.
-    ``progress(model, epoch, epochs, loss, train_acc)`` is called after every epoch.
+    ``progress(model, epoch, epochs, loss, train_acc)`` is called after every epoch and
+    ``step_progress(model, epochs_done, epochs)`` (``epochs_done`` fractional) after every step.
     """
     protocol = protocol or Protocol.preset("dsa")
     device = torch.device(device)
@@ -72,7 +74,10 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         cb = None
         if progress is not None:
             cb = lambda ep, loss, acc, _n=name: progress(_n, ep, protocol.epochs, loss, acc)  # noqa: E731
-        train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb)
+        step_cb = None
+        if step_progress is not None:
+            step_cb = lambda ep, done, n, _n=name: step_progress(_n, ep + done / n, protocol.epochs)  # noqa: E731
+        train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb)
         train_s = time.perf_counter() - start
         accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile)
         total_s = time.perf_counter() - start
@@ -93,10 +98,11 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
 
 def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("convnet",),
                     protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                    progress: Callable[..., None] | None = None) -> dict[str, Any]:
+                    progress: Callable[..., None] | None = None,
+                    step_progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``."""
     res = evaluate_tensors(synset.images, synset.labels, synset.info, test, models, protocol, seed,
-                           device, learned_lr=synset.lr, progress=progress)
+                           device, learned_lr=synset.lr, progress=progress, step_progress=step_progress)
     res["synset"] = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
                      "meta": synset.meta}
     return res
@@ -104,12 +110,13 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
 
 def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str] = ("convnet",),
                   protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                  progress: Callable[..., None] | None = None) -> dict[str, Any]:
+                  progress: Callable[..., None] | None = None,
+                  step_progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """The full-dataset baseline: the same networks trained on the whole real training split."""
     protocol = protocol or Protocol.preset("fulldata")
     images = train.normalized(device)
     res = evaluate_tensors(images, train.labels, train.info, test, models, protocol, seed, device,
-                           progress=progress)
+                           progress=progress, step_progress=step_progress)
     res["synset"] = {"method": "full-dataset", "num_images": len(train)}
     return res
 

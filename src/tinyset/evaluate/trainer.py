@@ -50,11 +50,13 @@ def _maybe_compile(model: TinyNet, enabled: bool) -> Callable[[torch.Tensor], to
 
 def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
                    generator: torch.Generator, augment: DSA | None = None,
-                   on_epoch: Callable[[int, float, float], None] | None = None) -> TinyNet:
+                   on_epoch: Callable[[int, float, float], None] | None = None,
+                   on_step: Callable[[int, int, int], None] | None = None) -> TinyNet:
     """Train every member of ``model`` on ``(images, labels)`` with SGD; returns the model.
 
     ``labels`` are int64 class indices ``[S]`` or soft labels ``[S, K]``. ``on_epoch(epoch, loss,
-    train_acc)`` is called after each epoch (for progress bars).
+    train_acc)`` is called after each epoch and ``on_step(epoch, batches_done, batches_per_epoch)``
+    after each optimiser step (for progress bars; an epoch over a full dataset is hundreds of steps).
     """
     device = images.device
     m = model.members
@@ -66,6 +68,7 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     forward = _maybe_compile(model, settings.compile)
     compiled = forward is not model
     member_of = torch.arange(m).repeat_interleave(bs)
+    n_batches = -(-s // bs)
     model.train()
 
     def make_opt(lr: float) -> torch.optim.Optimizer:
@@ -109,6 +112,8 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
                 hard = y.argmax(1) if soft else y
                 tot_correct += int((out.argmax(1) == hard).sum()) // max(m, 1)
                 tot_n += b
+            if on_step is not None:
+                on_step(ep, b0 // bs + 1, n_batches)
         if not torch.isfinite(torch.tensor(tot_loss)):
             raise FloatingPointError(f"training loss became {tot_loss} at epoch {ep}")
         if on_epoch is not None:

@@ -40,16 +40,17 @@ def reference_convnet(channels: int, num_classes: int, size: int, width: int = 1
 
 def reference_train_one(images, labels, test_x, test_y, epochs, seed, augment: DSA | None,
                         lr=0.01, batch=256) -> float:
-    """One model, plain loop, fp32; returns test accuracy after the last epoch."""
+    """One model, plain loop, fp32; returns test accuracy after the last epoch.
+
+    The schedule is upstream's ``evaluate_synset``: ``epochs + 1`` passes, a new optimiser at lr x0.1
+    after pass ``epochs // 2 + 1``."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = reference_convnet(images.shape[1], int(labels.max()) + 1, images.shape[2])
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     n = images.shape[0]
-    for ep in range(epochs):
-        if ep == epochs // 2:
-            opt = torch.optim.SGD(net.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
+    for ep in range(epochs + 1):
         perm = torch.randperm(n, generator=g)
         for b0 in range(0, n, batch):
             idx = perm[b0:b0 + batch]
@@ -60,6 +61,8 @@ def reference_train_one(images, labels, test_x, test_y, epochs, seed, augment: D
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if ep == epochs // 2 + 1:
+            opt = torch.optim.SGD(net.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
     net.eval()
     correct = 0
     with torch.no_grad():

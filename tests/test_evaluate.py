@@ -107,3 +107,34 @@ def test_full_baseline_runs_and_reports_progress_per_step():
     fractions = [pytest.approx(k / 3) for k in range(1, 7)]
     assert steps == [(name, f, 2) for name in ("mlp", "convnet-d1") for f in fractions]
     assert epochs == [(name, ep, 2) for name in ("mlp", "convnet-d1") for ep in (0, 1)]
+
+
+def test_reference_schedule_matches_upstream_loop():
+    """Upstream: ``for ep in range(Epoch + 1)``, lr x0.1 after epoch ``Epoch // 2 + 1``."""
+    from tinyset.evaluate import settings_for
+
+    dsa = Protocol.preset("dsa")
+    assert dsa.schedule == "reference" and (dsa.train_epochs, dsa.decay_epoch) == (1001, 502)
+    assert Protocol.preset("noaug").train_epochs == 301
+    quick = Protocol.preset("quick", epochs=10)
+    assert (quick.train_epochs, quick.decay_epoch) == (10, 5)
+    st = settings_for(dsa, 100, torch.device("cpu"), 0.01)
+    assert (st.epochs, st.decay_epoch) == (1001, 502)
+    with pytest.raises(ConfigError, match="schedule"):
+        Protocol(schedule="cosine")
+
+
+def test_trainer_decays_at_the_given_epoch():
+    """With a decay factor of 0 the weights freeze from ``decay_epoch`` on."""
+    train = tiny_dataset(per_class=4)
+    x, y = train.normalized(), train.labels
+
+    def weights(epochs, decay_epoch):
+        model = create_model("convnet-d1", 1, 3, 8, seed=0)
+        st = TrainSettings(epochs=epochs, lr=0.05, decay_epoch=decay_epoch, lr_decay_factor=0.0)
+        train_ensemble(model, x, y, st, make_generator(1))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(4, 2), weights(2, 2))  # 2 epochs at lr, then lr 0
+    assert not torch.equal(weights(4, 3), weights(2, 2))
+    assert torch.equal(weights(4, None), weights(2, 2))  # lr_decay_at 0.5 of 4 epochs

@@ -89,7 +89,8 @@ def _print_results(res: dict[str, Any], json_out: str | None, title: str) -> Non
 
     p = res["protocol"]
     print(format_table(res["results"], title=title))
-    print(f"protocol {p['name']}: {p['epochs']} epochs, lr {p['lr_used']}, batch {p['batch_size']}, "
+    print(f"protocol {p['name']}: {p['epochs']} epochs ({p['schedule']} schedule: {p['train_epochs']} passes, "
+          f"lr x{p['lr_decay_factor']} from pass {p['decay_epoch'] + 1}), lr {p['lr_used']}, batch {p['batch_size']}, "
           f"augment {p['augment_strategy']}, {p['num_models']} models per architecture, "
           f"precision {p['precision_used']}; test accuracy after the last epoch")
     if json_out:
@@ -159,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     protocol = _protocol_from(args, "dsa")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     test = _load_split(args, synset.info.name, "test")
-    on_epoch, on_step, close = _progress_bar(models, protocol.epochs)
+    on_epoch, on_step, close = _progress_bar(models, protocol.train_epochs)
     try:
         res = evaluate_synset(synset, test, models, protocol, seed=args.seed, device=device, progress=on_epoch,
                               step_progress=on_step)
@@ -180,7 +181,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     train = _load_split(args, args.dataset, "train")
     test = _load_split(args, args.dataset, "test")
-    on_epoch, on_step, close = _progress_bar(models, protocol.epochs)
+    on_epoch, on_step, close = _progress_bar(models, protocol.train_epochs)
     try:
         res = evaluate_full(train, test, models, protocol, seed=args.seed, device=device, progress=on_epoch,
                             step_progress=on_step)

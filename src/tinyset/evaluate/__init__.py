@@ -24,10 +24,11 @@ COMPILE_MIN_STEPS = 300
 
 
 def settings_for(protocol: Protocol, num_images: int, device: torch.device, lr: float) -> TrainSettings:
-    steps = protocol.epochs * -(-num_images // protocol.batch_size)
+    steps = protocol.train_epochs * -(-num_images // protocol.batch_size)
     compile_ = protocol.compile if protocol.compile is not None else (
         device.type == "cpu" and steps >= COMPILE_MIN_STEPS)
-    return TrainSettings(epochs=protocol.epochs, lr=lr, momentum=protocol.momentum,
+    return TrainSettings(epochs=protocol.train_epochs, decay_epoch=protocol.decay_epoch, lr=lr,
+                         momentum=protocol.momentum,
                          weight_decay=protocol.weight_decay, batch_size=protocol.batch_size,
                          lr_decay_at=protocol.lr_decay_at, lr_decay_factor=protocol.lr_decay_factor,
                          precision=resolve_precision(protocol.precision, device), compile=compile_)
@@ -73,10 +74,10 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         start = time.perf_counter()
         cb = None
         if progress is not None:
-            cb = lambda ep, loss, acc, _n=name: progress(_n, ep, protocol.epochs, loss, acc)  # noqa: E731
+            cb = lambda ep, loss, acc, _n=name: progress(_n, ep, protocol.train_epochs, loss, acc)  # noqa: E731
         step_cb = None
         if step_progress is not None:
-            step_cb = lambda ep, done, n, _n=name: step_progress(_n, ep + done / n, protocol.epochs)  # noqa: E731
+            step_cb = lambda ep, done, n, _n=name: step_progress(_n, ep + done / n, protocol.train_epochs)  # noqa: E731
         train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb)
         train_s = time.perf_counter() - start
         accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile)

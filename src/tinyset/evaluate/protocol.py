@@ -21,6 +21,10 @@ class Protocol:
     batch_size: int = 256
     lr_decay_at: float = 0.5
     lr_decay_factor: float = 0.1
+    #: "fraction": ``epochs`` passes, lr decayed after ``lr_decay_at * epochs`` of them.
+    #: "reference": the DC/DSA/DM ``evaluate_synset`` loop, ``for ep in range(epochs + 1)`` with the
+    #: decay after epoch ``epochs // 2 + 1``: epochs + 1 passes, the first epochs // 2 + 2 at full lr.
+    schedule: str = "fraction"
     augment: str = "dsa"  # dsa | none
     dsa_strategy: str | None = None  # None: the dataset's default (no flips for digits)
     num_models: int = 5
@@ -39,9 +43,24 @@ class Protocol:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.augment not in ("dsa", "none"):
             raise ConfigError(f"augment must be 'dsa' or 'none', got {self.augment!r}")
+        if self.schedule not in ("fraction", "reference"):
+            raise ConfigError(f"schedule must be 'fraction' or 'reference', got {self.schedule!r}")
+
+    @property
+    def train_epochs(self) -> int:
+        """Passes over the training set that this protocol runs."""
+        return self.epochs + 1 if self.schedule == "reference" else self.epochs
+
+    @property
+    def decay_epoch(self) -> int:
+        """Index of the first pass trained at the decayed learning rate."""
+        if self.schedule == "reference":
+            return self.epochs // 2 + 2
+        return int(self.epochs * self.lr_decay_at)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["train_epochs"], d["decay_epoch"] = self.train_epochs, self.decay_epoch
         if not d["overrides"]:
             d.pop("overrides")
         return d

@@ -28,6 +28,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     batch_size: int = 256
     lr_decay_at: float = 0.5  # fraction of the epochs after which lr is multiplied by lr_decay_factor
+    decay_epoch: int | None = None  # first epoch at the decayed lr; overrides lr_decay_at when given
     lr_decay_factor: float = 0.1
     precision: str = "fp32"  # fp32 | bf16 (autocast for the forward pass)
     compile: bool = False
@@ -64,7 +65,8 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     c, h, w = images.shape[1:]
     soft = labels.dim() == 2
     bs = min(settings.batch_size, s)
-    decay_epoch = int(settings.epochs * settings.lr_decay_at)
+    decay_epoch = (settings.decay_epoch if settings.decay_epoch is not None
+                   else int(settings.epochs * settings.lr_decay_at))
     forward = _maybe_compile(model, settings.compile)
     compiled = forward is not model
     member_of = torch.arange(m).repeat_interleave(bs)

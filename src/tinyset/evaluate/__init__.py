@@ -28,9 +28,8 @@ def settings_for(protocol: Protocol, num_images: int, device: torch.device, lr: 
     compile_ = protocol.compile if protocol.compile is not None else (
         device.type == "cpu" and steps >= COMPILE_MIN_STEPS)
     return TrainSettings(epochs=protocol.train_epochs, decay_epoch=protocol.decay_epoch, lr=lr,
-                         momentum=protocol.momentum,
-                         weight_decay=protocol.weight_decay, batch_size=protocol.batch_size,
-                         lr_decay_at=protocol.lr_decay_at, lr_decay_factor=protocol.lr_decay_factor,
+                         momentum=protocol.momentum, weight_decay=protocol.weight_decay,
+                         batch_size=protocol.batch_size, lr_decay_factor=protocol.lr_decay_factor,
                          precision=resolve_precision(protocol.precision, device), compile=compile_)
 
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from tinyset.errors import ConfigError
 from tinyset.models.base import TinyNet
-from tinyset.models.layers import Conv2d, Flatten, Linear, make_norm, norm_cancels_bias
+from tinyset.models.layers import Flatten, Linear, conv_norm
 
 
 class AlexNet(TinyNet):
@@ -18,10 +18,7 @@ class AlexNet(TinyNet):
         layers: list[nn.Module] = []
 
         def conv(cin: int, cout: int, k: int, p: int) -> None:
-            layer = Conv2d(cin, cout, k, padding=p, members=m)
-            layer.bias_cancelled = norm_cancels_bias(norm)
-            layers.append(layer)
-            layers.append(make_norm(norm, cout, (h, w), m))
+            layers.extend(conv_norm(cin, cout, k, p, norm, (h, w), m))
             layers.append(nn.ReLU())
 
         conv(channels, 128, 5, pad)

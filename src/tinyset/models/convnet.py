@@ -10,8 +10,7 @@ import torch.nn as nn
 
 from tinyset.errors import ConfigError
 from tinyset.models.base import TinyNet
-from tinyset.models.layers import (Conv2d, Flatten, Linear, make_activation, make_norm, make_pool,
-                                   norm_cancels_bias)
+from tinyset.models.layers import Flatten, Linear, conv_norm, make_activation, make_pool
 
 
 class ConvNet(TinyNet):
@@ -28,10 +27,7 @@ class ConvNet(TinyNet):
         for d in range(depth):
             pad = 3 if (d == 0 and channels == 1 and (h, w) == (28, 28)) else 1
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
-            conv = Conv2d(cin, width, 3, padding=pad, members=members)
-            conv.bias_cancelled = norm_cancels_bias(norm)
-            layers.append(conv)
-            layers.append(make_norm(norm, width, (h, w), members))
+            layers += conv_norm(cin, width, 3, pad, norm, (h, w), members)
             layers.append(make_activation(act))
             if pooling != "none":
                 if h < 2 or w < 2:

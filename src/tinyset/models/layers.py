@@ -177,6 +177,15 @@ def norm_cancels_bias(kind: str) -> bool:
     return kind == "instancenorm"
 
 
+def conv_norm(cin: int, cout: int, kernel_size: int, padding: int, norm: str, hw: tuple[int, int],
+              members: int = 1) -> list[nn.Module]:
+    """``[Conv2d, norm]``: a biased convolution and the norm ``norm`` over its ``hw`` output; the
+    conv skips its bias when that norm cancels it (see :func:`norm_cancels_bias`)."""
+    conv = Conv2d(cin, cout, kernel_size, padding=padding, members=members)
+    conv.bias_cancelled = norm_cancels_bias(norm)
+    return [conv, make_norm(norm, cout, hw, members)]
+
+
 def make_norm(kind: str, channels: int, hw: tuple[int, int], members: int = 1) -> nn.Module:
     """Normalisation layers with the reference ConvNet's semantics, for ``members`` networks.
 

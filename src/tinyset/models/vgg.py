@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from tinyset.errors import ConfigError
 from tinyset.models.base import TinyNet
-from tinyset.models.layers import Conv2d, Flatten, Linear, make_norm, norm_cancels_bias
+from tinyset.models.layers import Flatten, Linear, conv_norm
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -28,9 +28,7 @@ class VGG(TinyNet):
                 continue
             pad = 3 if (i == 0 and channels == 1 and (h, w) == (28, 28)) else 1
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
-            conv = Conv2d(cin, int(v), 3, padding=pad, members=m)
-            conv.bias_cancelled = norm_cancels_bias(norm)
-            layers += [conv, make_norm(norm, int(v), (h, w), m), nn.ReLU()]
+            layers += conv_norm(cin, int(v), 3, pad, norm, (h, w), m) + [nn.ReLU()]
             cin = int(v)
         layers.append(Flatten(m))
         self.features = nn.Sequential(*layers)

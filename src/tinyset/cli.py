@@ -35,7 +35,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
                         "quick, fulldata (6 epochs, default of baseline), fulldata-long (16 epochs, DSA, 3 nets)")
     p.add_argument("--num-models", type=int, default=None, help="networks per architecture (default: preset's)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: preset's); dsa and noaug count them as upstream does, "
+                        "training epochs+1 passes with lr x0.1 after pass epochs//2+2")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: preset's, 0.01)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 256)")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")

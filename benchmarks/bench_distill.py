@@ -24,7 +24,8 @@ from tinyset.augment import DSA, default_strategy  # noqa: E402
 from tinyset.data import RealPool, load_dataset  # noqa: E402
 from tinyset.methods import METHODS  # noqa: E402
 from tinyset.methods.runner import resolve_config  # noqa: E402
-from tinyset.utils import make_generator, resolve_precision  # noqa: E402
+from tinyset.rng import make_generator
+from tinyset.runtime import resolve_precision  # noqa: E402
 
 
 def time_iterations(fn, n: int, warmup: int = 2) -> float:

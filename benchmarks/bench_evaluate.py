@@ -26,7 +26,7 @@ from tinyset.augment import DSA, default_strategy  # noqa: E402
 from tinyset.data import load_dataset  # noqa: E402
 from tinyset.evaluate import Protocol, evaluate_tensors  # noqa: E402
 from tinyset.select import select  # noqa: E402
-from tinyset.utils import tune_allocator  # noqa: E402
+from tinyset.runtime import tune_allocator  # noqa: E402
 
 
 def main() -> None:

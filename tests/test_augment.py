@@ -5,7 +5,7 @@ import torch
 
 from tinyset.augment import DSA, default_strategy
 from tinyset.errors import ConfigError
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 
 def _x(n=8, c=3, s=16, seed=0):

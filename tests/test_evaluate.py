@@ -8,7 +8,7 @@ from tinyset.errors import ConfigError
 from tinyset.evaluate import Protocol, evaluate_full, evaluate_tensors, format_table
 from tinyset.evaluate.trainer import TrainSettings, train_ensemble
 from tinyset.models import create_model, extract_member
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 
 def test_presets_load_with_source_and_overrides():

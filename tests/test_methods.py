@@ -15,7 +15,7 @@ from tinyset.methods.dc import distance_layerwise, loops_for
 from tinyset.methods.runner import load_checkpoint, resolve_config
 from tinyset.methods.runner import distill
 from tinyset.synset import SyntheticSet
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 FAST = {"model": "convnet-d2", "batch_real": 16}
 

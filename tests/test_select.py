@@ -14,7 +14,7 @@ from tinyset.select.forgetting import count_forgetting, most_forgotten, stratifi
 from tinyset.select.herding import herding_order
 from tinyset.select.kcenter import kcenter_order
 from tinyset.synset import SyntheticSet
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 INFO = DatasetInfo("tiny-sel", 1, (8, 8), 3, ("a", "b", "c"), (0.3,), (0.35,))
 PER_CLASS = 30

@@ -87,7 +87,7 @@ def _progress_bar(models: list[str], epochs: int) -> tuple[Callable[..., None], 
 
 def _print_results(res: dict[str, Any], json_out: str | None, title: str) -> None:
     from tinyset.evaluate import format_table
-    from tinyset.utils import write_json
+    from tinyset.files import write_json
 
     p = res["protocol"]
     print(format_table(res["results"], title=title))
@@ -155,7 +155,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tinyset.evaluate import evaluate_synset
     from tinyset.synset import SyntheticSet
-    from tinyset.utils import resolve_device
+    from tinyset.runtime import resolve_device
 
     synset = SyntheticSet.load(args.file)
     device = resolve_device(args.device)
@@ -176,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from tinyset.evaluate import evaluate_full
-    from tinyset.utils import resolve_device
+    from tinyset.runtime import resolve_device
 
     device = resolve_device(args.device)
     protocol = _protocol_from(args, "fulldata")
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("select", "distill", "evaluate", "baseline"):
-        from tinyset.utils import tune_allocator
+        from tinyset.runtime import tune_allocator
 
         tune_allocator()
     try:

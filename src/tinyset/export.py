@@ -21,7 +21,7 @@ import torch
 
 from tinyset.errors import ConfigError
 from tinyset.synset import SyntheticSet
-from tinyset.utils import _json_default, atomic_path
+from tinyset.files import json_default, atomic_path
 from tinyset.viz import to_uint8
 
 
@@ -95,7 +95,7 @@ def export_imagefolder(synset: SyntheticSet, out_dir: str | os.PathLike,
                     tmp / folder / f"{j:0{width}d}.png", format="PNG")
                 if synset.is_soft:
                     soft_rows[f"{folder}/{j:0{width}d}.png"] = synset.labels[i].tolist()
-        (tmp / "meta.json").write_text(json.dumps(describe(synset), indent=2, default=_json_default) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(describe(synset), indent=2, default=json_default) + "\n")
         if synset.is_soft:
             (tmp / "labels.json").write_text(json.dumps(
                 {"class_names": list(synset.info.class_names), "soft_labels": soft_rows}, indent=1) + "\n")
@@ -143,7 +143,7 @@ def export_npz(synset: SyntheticSet, out_path: str | os.PathLike, overwrite: boo
         "mean": np.asarray(synset.info.mean, dtype=np.float32),
         "std": np.asarray(synset.info.std, dtype=np.float32),
         "class_names": np.asarray(list(synset.info.class_names), dtype=np.str_),
-        "meta_json": np.asarray(json.dumps(describe(synset), default=_json_default), dtype=np.str_),
+        "meta_json": np.asarray(json.dumps(describe(synset), default=json_default), dtype=np.str_),
     }
     if synset.lr is not None:
         arrays["lr"] = np.asarray(synset.lr, dtype=np.float64)

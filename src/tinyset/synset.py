@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from tinyset.data.base import DatasetInfo
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
-from tinyset.utils import _json_default, atomic_path
+from tinyset.files import json_default, atomic_path
 
 #: value of the ``format`` field identifying a synthetic-set file
 FORMAT = "tinyset.synset"
@@ -226,7 +226,7 @@ class SyntheticSet(Dataset):
     def header_json(self) -> str:
         """:meth:`header` as a JSON string; :class:`ConfigError` if meta is not serialisable."""
         try:
-            return json.dumps(self.header(), default=_json_default)
+            return json.dumps(self.header(), default=json_default)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"SyntheticSet meta is not JSON-serialisable: {exc}") from None
 

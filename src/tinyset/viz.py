@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tinyset.errors import ConfigError
-from tinyset.utils import atomic_path
+from tinyset.files import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from tinyset.synset import SyntheticSet

@@ -140,6 +140,8 @@ class DatasetSpec(Protocol):
 
 
 DATASETS: Registry = Registry("dataset")
+#: datasets named ``FAMILY:ARGUMENT`` (``imagefolder:PATH``): FAMILY -> constructor taking the argument
+DATASET_FAMILIES: Registry = Registry("dataset family")
 
 
 def default_data_root() -> Path:
@@ -148,11 +150,15 @@ def default_data_root() -> Path:
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The spec for ``name``; ``imagefolder:PATH`` builds one for a folder of class subfolders."""
-    if name.lower().startswith("imagefolder:"):
-        from tinyset.data.imagefolder import ImageFolderSpec
-
-        return ImageFolderSpec(name.split(":", 1)[1])
+    """The spec for ``name``; ``FAMILY:ARGUMENT`` (e.g. ``imagefolder:PATH``) builds one from a family."""
+    family, sep, argument = name.partition(":")
+    if sep:
+        if family not in DATASET_FAMILIES:
+            raise ConfigError(f"unknown dataset family {family!r} in {name!r}; known: "
+                              f"{', '.join(f + ':...' for f in DATASET_FAMILIES.names())}")
+        if not argument.strip():
+            raise ConfigError(f"dataset {name!r} names no {family} argument; expected {family}:PATH")
+        return DATASET_FAMILIES.get(family)(argument)
     factory = DATASETS.get(name)
     return factory()
 
@@ -200,6 +206,6 @@ def check_ipc(data: ImageDataset, ipc: int, what: str = "ipc") -> None:
 
 
 __all__: Sequence[str] = [
-    "DatasetInfo", "ImageDataset", "RealPool", "DatasetSpec", "DATASETS", "default_data_root",
+    "DatasetInfo", "ImageDataset", "RealPool", "DatasetSpec", "DATASETS", "DATASET_FAMILIES", "default_data_root",
     "get_spec", "load_dataset", "split_validation", "check_ipc",
 ]

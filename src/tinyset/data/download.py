@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tinyset.errors import ConfigError, DataError
-from tinyset.utils import atomic_path
+from tinyset.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinyset.data.base import DatasetInfo, ImageDataset
+from tinyset.data.base import DATASET_FAMILIES, DatasetInfo, ImageDataset
 from tinyset.data.download import check_split
 from tinyset.errors import ConfigError, DataError
 
@@ -51,6 +51,7 @@ def _open(path: Path) -> Image.Image:
                         f"PNG, JPEG or BMP file") from None
 
 
+@DATASET_FAMILIES.register("imagefolder", help="imagefolder:PATH, a folder of class subfolders of PNG/JPEG images")
 class ImageFolderSpec:
     """A dataset spec for a folder of class subfolders (see the module docstring)."""
 

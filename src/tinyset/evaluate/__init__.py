@@ -17,7 +17,9 @@ from tinyset.evaluate.protocol import Protocol
 from tinyset.evaluate.report import format_table
 from tinyset.evaluate.trainer import TrainSettings, test_accuracy, train_ensemble
 from tinyset.models import create_model
-from tinyset.utils import derive_seed, make_generator, mean_std, resolve_precision
+from tinyset.results import mean_std
+from tinyset.rng import derive_seed, make_generator
+from tinyset.runtime import resolve_precision
 
 #: below this many optimiser steps per model, torch.compile's start-up cost is not worth paying
 COMPILE_MIN_STEPS = 300

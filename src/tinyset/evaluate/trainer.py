@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tinyset.augment import DSA
 from tinyset.models.base import TinyNet
-from tinyset.utils import autocast
+from tinyset.runtime import autocast
 
 
 @dataclass

@@ -21,7 +21,8 @@ from tinyset.methods import METHODS
 from tinyset.methods.base import Method
 from tinyset.models import create_model
 from tinyset.models.layers import Conv2d, Linear
-from tinyset.utils import autocast, derive_seed, make_generator
+from tinyset.rng import derive_seed, make_generator
+from tinyset.runtime import autocast
 
 #: the published (outer_loop, inner_loop) per ipc (reference ``get_loops``)
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}

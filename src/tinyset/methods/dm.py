@@ -18,7 +18,8 @@ from tinyset.methods import METHODS
 from tinyset.methods.base import Method
 from tinyset.models import create_model
 from tinyset.models.layers import init_parameters
-from tinyset.utils import autocast, derive_seed, make_generator
+from tinyset.rng import derive_seed, make_generator
+from tinyset.runtime import autocast
 
 #: compile the embedding network when a run has at least this many iterations (CPU, auto mode)
 COMPILE_MIN_ITERATIONS = 200

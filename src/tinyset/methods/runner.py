@@ -30,7 +30,9 @@ from tinyset.data.base import ImageDataset, RealPool, check_ipc, split_validatio
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.methods import METHODS
 from tinyset.methods.base import Method
-from tinyset.utils import atomic_path, make_generator, resolve_precision, write_json
+from tinyset.files import atomic_path, write_json
+from tinyset.rng import make_generator
+from tinyset.runtime import resolve_precision
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -255,7 +257,7 @@ def run_distill_cli(args: Any) -> int:
 
     from tinyset.data import load_dataset
     from tinyset.evaluate import Protocol, evaluate_synset, format_table
-    from tinyset.utils import resolve_device
+    from tinyset.runtime import resolve_device
 
     device = resolve_device(args.device)
     overrides = {"iterations": args.iterations, "init": args.init, "model": args.model,

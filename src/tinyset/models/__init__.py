@@ -23,7 +23,7 @@ from tinyset.models.mlp import MLP
 from tinyset.models.resnet import ResNet
 from tinyset.models.vgg import VGG
 from tinyset.registry import Registry
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 MODELS: Registry = Registry("model")
 

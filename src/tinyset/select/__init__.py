@@ -13,7 +13,7 @@ import torch
 
 from tinyset.data.base import ImageDataset, check_ipc
 from tinyset.registry import Registry
-from tinyset.utils import make_generator
+from tinyset.rng import make_generator
 
 SELECTORS: Registry = Registry("selector")
 

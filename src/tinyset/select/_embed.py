@@ -21,7 +21,8 @@ from tinyset.data.base import ImageDataset
 from tinyset.errors import ConfigError
 from tinyset.models import create_model
 from tinyset.select import per_class_indices
-from tinyset.utils import autocast, derive_seed, make_generator, resolve_precision
+from tinyset.rng import derive_seed, make_generator
+from tinyset.runtime import autocast, resolve_precision
 
 #: ``order_fn(emb [n, D], k) -> LongTensor [k]`` of row positions, in selection order
 OrderFn = Callable[[torch.Tensor, int], torch.Tensor]

@@ -25,7 +25,8 @@ from tinyset.data.base import ImageDataset
 from tinyset.errors import ConfigError, NumericalError
 from tinyset.models import create_model
 from tinyset.select import SELECTORS, per_class_indices
-from tinyset.utils import autocast, derive_seed, make_generator, resolve_precision
+from tinyset.rng import derive_seed, make_generator
+from tinyset.runtime import autocast, resolve_precision
 
 
 def count_forgetting(history: torch.Tensor) -> torch.Tensor:

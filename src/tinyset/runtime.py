@@ -1,14 +1,14 @@
-"""Small shared helpers: seeding, devices, numeric precision, atomic files, JSON."""
+"""Runtime: devices, numeric precision, autocast, threads and the memory allocator.
+
+Resolved once at the command line (or by the caller of the library functions) and passed down.
+"""
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
@@ -34,18 +34,6 @@ def tune_allocator() -> bool:
         return ok
     except (OSError, AttributeError):
         return False
-
-
-def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """An explicit, seeded generator. tinyset never touches the global RNG."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return g
-
-
-def derive_seed(generator: torch.Generator) -> int:
-    """Draw a fresh 62-bit seed from ``generator`` (for child generators)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -92,42 +80,3 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, (Path, torch.device)):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and (population, as numpy's default) standard deviation."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0

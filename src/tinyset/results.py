@@ -1,0 +1,164 @@
+"""The results of ``evaluate``, ``baseline``, ``select`` and ``distill``: one typed, versioned schema.
+
+Every result is a dataclass with :meth:`to_dict` (what ``--json`` writes). Each JSON document starts
+with the same three keys::
+
+    {"schema": "tinyset.result", "schema_version": 1, "kind": "evaluation" | "selection" | "distillation", ...}
+
+``kind`` says which of the classes below the rest follows; :func:`result_from_dict` reads any of
+them back. Fields are added with new versions, never renamed within one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from tinyset.errors import ArtifactError
+
+SCHEMA = "tinyset.result"
+SCHEMA_VERSION = 1
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (numpy's default); ``(nan, nan)`` for no values."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), (float(t.std(unbiased=False)) if len(values) > 1 else 0.0)
+
+
+class _Result:
+    """Shared JSON form of the result dataclasses."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {f.name: _plain(getattr(self, f.name)) for f in fields(self)  # type: ignore[arg-type]
+                if not f.metadata.get("runtime_only")}
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": self.kind, **body}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, _Result):
+        d = v.to_dict()
+        return {k: d[k] for k in d if k not in ("schema", "schema_version", "kind")}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if hasattr(v, "__dataclass_fields__"):
+        return asdict(v)
+    return v
+
+
+@dataclass
+class ModelScore(_Result):
+    """Test accuracy of ``len(accuracies)`` freshly trained networks of one architecture."""
+
+    kind: ClassVar[str] = "model_score"
+    model: str
+    accuracies: list[float]
+    mean: float = float("nan")
+    std: float = float("nan")
+    train_seconds: float = 0.0
+    seconds: float = 0.0  # training and testing
+    seconds_per_model: float = 0.0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.mean):
+            self.mean, self.std = mean_std(self.accuracies)
+
+
+@dataclass
+class EvaluationResult(_Result):
+    """What ``evaluate`` and ``baseline`` report: the protocol, and one row per architecture."""
+
+    kind: ClassVar[str] = "evaluation"
+    protocol: dict[str, Any]
+    dataset: str
+    num_images: int
+    seed: int
+    device: str
+    results: list[ModelScore]
+    #: what was evaluated: method, ipc, metadata of the set (``{"method": "full-dataset"}`` for baseline)
+    set: dict[str, Any] = field(default_factory=dict)
+    file: str | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, model: str) -> ModelScore:
+        for r in self.results:
+            if r.model == model:
+                return r
+        raise KeyError(model)
+
+
+@dataclass
+class SelectionResult(_Result):
+    """What ``select`` returns: the chosen indices, every sample's score, and the set they make.
+
+    ``scores`` has one value per training sample (higher = preferred by the selector; ``-inf`` where
+    a greedy method never reached the sample); ``indices`` are the chosen ones, class by class.
+    """
+
+    kind: ClassVar[str] = "selection"
+    method: str
+    dataset: str
+    ipc: int
+    seed: int
+    indices: list[int]
+    seconds: float
+    config: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = field(default=None, metadata={"runtime_only": True})
+    synset: Any = field(default=None, metadata={"runtime_only": True})
+    file: str | None = None
+
+
+@dataclass
+class DistillationResult(_Result):
+    """What ``distill`` returns: the learned set, where the run lives, and its configuration."""
+
+    kind: ClassVar[str] = "distillation"
+    method: str
+    dataset: str
+    ipc: int
+    seed: int
+    iterations: int
+    wall_time_s: float
+    out_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
+    config_sources: dict[str, str] = field(default_factory=dict)
+    final_loss: float | None = None
+    evaluation: EvaluationResult | None = None
+    synset: Any = field(default=None, metadata={"runtime_only": True})
+
+
+_KINDS = {c.kind: c for c in (EvaluationResult, SelectionResult, DistillationResult)}
+
+
+def result_from_dict(d: dict[str, Any]) -> Any:
+    """Read back a result written by :meth:`to_dict` (checks schema and version)."""
+    if d.get("schema") != SCHEMA:
+        raise ArtifactError(f"not a tinyset result (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"tinyset result schema version {d.get('schema_version')!r}; this tinyset reads "
+                            f"version {SCHEMA_VERSION}")
+    cls = _KINDS.get(d.get("kind", ""))
+    if cls is None:
+        raise ArtifactError(f"unknown result kind {d.get('kind')!r}; expected one of {', '.join(_KINDS)}")
+    body = {k: v for k, v in d.items() if k not in ("schema", "schema_version", "kind")}
+    if cls is EvaluationResult:
+        body["results"] = [ModelScore(**r) for r in body.get("results", [])]
+    if cls is DistillationResult and body.get("evaluation"):
+        ev = dict(body["evaluation"])
+        ev["results"] = [ModelScore(**r) for r in ev.get("results", [])]
+        body["evaluation"] = EvaluationResult(**ev)
+    return cls(**body)
+
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "ModelScore", "EvaluationResult", "SelectionResult",
+           "DistillationResult", "result_from_dict", "mean_std"]

@@ -25,7 +25,7 @@ from tinyset.data import RealPool, load_dataset  # noqa: E402
 from tinyset.methods import METHODS  # noqa: E402
 from tinyset.methods.runner import resolve_config  # noqa: E402
 from tinyset.rng import make_generator
-from tinyset.runtime import resolve_precision  # noqa: E402
+from tinyset.runtime import describe_machine, resolve_precision, resolve_runtime  # noqa: E402
 
 
 def time_iterations(fn, n: int, warmup: int = 2) -> float:
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--dc-outer", type=int, default=None, help="outer_loop for the DC timing (default: preset's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    # the CPU kind goes beside every timing
+    print(describe_machine(resolve_runtime("cpu", args.precision, configure=False)), flush=True)
 
     train = load_dataset(args.dataset, "train", root=args.data_root)
     pool = RealPool(train)

@@ -26,7 +26,7 @@ from tinyset.augment import DSA, default_strategy  # noqa: E402
 from tinyset.data import load_dataset  # noqa: E402
 from tinyset.evaluate import Protocol, evaluate_tensors  # noqa: E402
 from tinyset.select import select  # noqa: E402
-from tinyset.runtime import tune_allocator  # noqa: E402
+from tinyset.runtime import describe_machine, tune_allocator  # noqa: E402
 
 
 def main() -> None:
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    print(describe_machine(), flush=True)  # the CPU kind goes beside every timing
 
     train = load_dataset(args.dataset, "train", root=args.data_root)
     test = load_dataset(args.dataset, "test", root=args.data_root)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyset.errors import ConfigError
+from tinyset.runtime import im2col_first_conv
 
 
 def _uniform_(t: torch.Tensor, bound: float, generator: torch.Generator) -> None:
@@ -58,9 +59,12 @@ class Conv2d(nn.Module):
     """``members`` independent ``Conv2d(cin, cout, k)`` layers as one grouped convolution.
 
     Convolutions whose receptive field is tiny (``cin*k*k <= 27``, the first layer on MNIST or
-    CIFAR) run as an im2col matrix product instead: oneDNN's direct kernels are slow for one or
-    three input channels, and the matrix product writes channels-last output that the next
-    (grouped) convolution consumes without a copy. Both paths compute the same function.
+    CIFAR; ``use_matmul`` says a layer is eligible) run on CPU as an im2col matrix product
+    instead: oneDNN's direct kernels are slow for one or three input channels, and the matrix
+    product writes channels-last output that the next (grouped) convolution consumes without a
+    copy. On CUDA the rewrite costs thousands of extra kernel launches, so the path is chosen per
+    device at every call (:func:`tinyset.runtime.im2col_first_conv`). Both paths compute the same
+    function.
 
     ``bias_cancelled`` (set by the model when an InstanceNorm follows) skips adding the bias, which
     that norm would remove anyway; see :class:`_CancelledBias`.
@@ -85,7 +89,7 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias_cancelled else self.bias
-        if self.use_matmul:
+        if self.use_matmul and im2col_first_conv(x.device):  # eligible, and the device wants it
             y = self._forward_matmul(x, bias)
         else:
             y = F.conv2d(x, self.weight, bias, self.stride, self.padding, groups=self.members)

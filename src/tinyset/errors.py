@@ -19,3 +19,11 @@ class ArtifactError(TinysetError):
 
 class NumericalError(TinysetError):
     """A run produced NaN or inf."""
+
+
+class OutputError(TinysetError):
+    """An output path (``--out``, ``--json``...) cannot or must not be written."""
+
+
+class LockedError(TinysetError):
+    """A run folder is locked by another tinyset process."""

@@ -12,8 +12,7 @@ from tinyset.errors import ConfigError, NumericalError
 from tinyset.evaluate import Protocol, evaluate_tensors
 from tinyset.methods import METHODS
 from tinyset.methods.dc import distance_layerwise, loops_for
-from tinyset.methods.runner import load_checkpoint, resolve_config
-from tinyset.methods.runner import distill
+from tinyset.methods.loop import distill, load_checkpoint, resolve_config
 from tinyset.synset import SyntheticSet
 from tinyset.rng import make_generator
 
@@ -23,7 +22,7 @@ FAST = {"model": "convnet-d2", "batch_real": 16}
 def _run(tmp_path, method, data, ipc=2, iterations=4, name="run", **kw):
     over = {**FAST, "iterations": iterations, **kw.pop("overrides", {})}
     return distill(method, data, ipc, tmp_path / name, preset="cpu", overrides=over, seed=1,
-                   precision="fp32", **kw)
+                   precision="fp32", **kw).synset
 
 
 def _losses(path):
@@ -31,20 +30,25 @@ def _losses(path):
 
 
 def test_registry_and_loops():
-    assert METHODS.names() == ["dc", "dm", "dsa"]
+    assert {"dc", "dm", "dsa"} <= set(METHODS.names())
     assert loops_for(1) == (1, 1) and loops_for(10) == (10, 50) and loops_for(50) == (50, 10)
     assert loops_for(5) == (5, 50) and loops_for(100) == (50, 10) and loops_for(25) == (25, 20)
 
 
 def test_config_resolution_and_sources():
-    cfg = resolve_config("dm", "mnist", 10, "paper")
-    assert cfg["lr_img"] == 1.0 and cfg["batch_real"] == 256 and cfg["iterations"] == 20000
-    assert "DatasetCondensation" in cfg["source"]
-    dc = resolve_config("dc", "mnist", 10, "paper")
-    assert (dc["outer_loop"], dc["inner_loop"], dc["lr_img"], dc["init"]) == (10, 50, 0.1, "noise")
-    odd = resolve_config("dsa", "mnist", 7, "cpu")  # no file for ipc 7: the documented rule
-    assert (odd["outer_loop"], odd["inner_loop"]) == loops_for(7)
-    assert resolve_config("dm", "mnist", 10, "cpu", {"iterations": 5})["iterations"] == 5
+    res = resolve_config("dm", "mnist", 10, "paper")
+    cfg = res.values
+    assert cfg.lr_img == 1.0 and cfg.batch_real == 256 and cfg.iterations == 20000
+    assert "DatasetCondensation" in res.sources["iterations"] and res.sources["iterations"].startswith("paper")
+    dc = resolve_config("dc", "mnist", 10, "paper").values
+    assert (dc.outer_loop, dc.inner_loop, dc.lr_img, dc.init) == (10, 50, 0.1, "noise")
+    odd = resolve_config("dsa", "mnist", 7, "cpu")  # no published loops for ipc 7: the documented rule
+    assert (odd.values.outer_loop, odd.values.inner_loop) == loops_for(7)
+    assert odd.sources["outer_loop"] == "rule: loops_for(ipc)" and odd.values.init == "real"
+    cpu = resolve_config("dm", "mnist", 10, "cpu", flags={"iterations": 5})
+    assert cpu.values.iterations == 5 and cpu.sources["iterations"] == "flag: --iterations"
+    assert resolve_config("dm", "digits", 10, "cpu").values.iterations == 500
+    assert resolve_config("dc", "mnist", 1, "cpu").sources["iterations"].startswith("cpu:")
 
 
 @pytest.mark.parametrize("bad,match", [({"iterations": 0}, "iterations"), ({"lr_img": -1}, "lr_img"),
@@ -55,11 +59,23 @@ def test_bad_arguments_rejected_before_work(tmp_path, bad, match):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("lr_img", float("nan"), "NaN"), ("lr_img", float("inf"), "NaN and infinity"), ("lr_img", 0, "> 0"),
+    ("momentum_img", 1.0, "< 1"), ("iterations", 2.5, "integer"), ("init", "zeros", "'real', 'noise'"),
+    ("model", "nosuchnet", "registered architecture"), ("nosuch", 1, "unknown setting"),
+])
+def test_every_config_field_is_validated_with_field_value_and_range(tmp_path, key, value, match):
+    with pytest.raises(ConfigError, match=match) as exc:
+        _run(tmp_path, "dm", tiny_dataset(), overrides={key: value})
+    assert key in str(exc.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_ipc_larger_than_class_and_unknown_method(tmp_path):
     with pytest.raises(ConfigError, match="only 20 training images"):
         _run(tmp_path, "dm", tiny_dataset(per_class=20), ipc=21)
     with pytest.raises(ConfigError, match="unknown method"):
-        _run(tmp_path, "mtt", tiny_dataset())
+        _run(tmp_path, "no-such-method-ever", tiny_dataset())
     assert not (tmp_path / "run").exists()
 
 
@@ -88,7 +104,10 @@ def test_outputs_written(tmp_path):
         assert (out / f).exists(), f
     loaded = SyntheticSet.load(out / "synset.safetensors")
     assert torch.equal(loaded.images, syn.images) and loaded.meta["iterations"] == 3
-    assert loaded.meta["config"]["method"] == "dm" and loaded.ipc == 2
+    assert loaded.meta["method"] == "dm" and loaded.ipc == 2 and loaded.meta["config"]["iterations"] == 3
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["iterations"] == 3 and cfg["sources"]["iterations"] == "flag: --iterations"
+    assert cfg["sources"]["lr_img"].startswith("paper:") and cfg["runtime"]["precision"] == "fp32"
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["iteration"] == 3 and rec["seconds"] > 0
 
@@ -116,19 +135,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     orig = DistributionMatching.step
     calls = {"n": 0}
 
-    def poisoned(self, images, opt, gen):
+    def poisoned(self, gen):
         calls["n"] += 1
-        loss = orig(self, images, opt, gen)
+        loss = orig(self, gen)
         if calls["n"] == 3:
             with torch.no_grad():
-                images[0, 0, 0, 0] = float("nan")
+                self.images[0, 0, 0, 0] = float("nan")
         return loss
 
     monkeypatch.setattr(DistributionMatching, "step", poisoned)
     with pytest.raises(NumericalError, match="iteration 3"):
         _run(tmp_path, "dm", tiny_dataset(), iterations=5, checkpoint_every=1)
     tensors, header = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
-    assert header["iteration"] == 2 and torch.isfinite(tensors["images"]).all()
+    assert header["iteration"] == 2 and torch.isfinite(tensors["tensor.images"]).all()
 
 
 def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
@@ -166,14 +185,14 @@ def test_distillation_beats_its_initialisation_on_real_digits(tmp_path, method):
         over.update(outer_loop=5, inner_loop=5, iterations=15)
     else:  # from noise, DM needs a larger image learning rate to move in few iterations
         over.update(lr_img=10.0, iterations=60)
-    syn = distill(method, train, 2, tmp_path / method, preset="cpu", overrides=over, seed=0, precision="fp32")
+    syn = distill(method, train, 2, tmp_path / method, preset="cpu", overrides=over, seed=0, precision="fp32").synset
     init = SyntheticSet.load(tmp_path / method / "synset.safetensors")
     tensors, _ = load_checkpoint(tmp_path / method / "checkpoint.safetensors")
     proto = Protocol.preset("quick", epochs=100, num_models=3, precision="fp32", compile=False)
-    # the run's initial images: the first draw of its seed-0 generator (see runner._initial_images)
+    # the run's initial images: the first draw of its seed-0 generator (see Distiller.initial_images)
     noise = torch.randn(init.images.shape, generator=make_generator(0))
     before = evaluate_tensors(noise, syn.labels, train.info, test, ["convnet-d2"], proto, seed=0)
     after = evaluate_tensors(syn.images, syn.labels, train.info, test, ["convnet-d2"], proto, seed=0)
-    assert after["results"][0]["mean"] > before["results"][0]["mean"] + 0.2
-    assert after["results"][0]["mean"] > 0.7
-    assert torch.equal(tensors["images"], init.images)
+    assert after.results[0].mean > before.results[0].mean + 0.2
+    assert after.results[0].mean > 0.7
+    assert torch.equal(tensors["tensor.images"], init.images)

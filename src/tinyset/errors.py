@@ -27,3 +27,13 @@ class OutputError(TinysetError):
 
 class LockedError(TinysetError):
     """A run folder is locked by another tinyset process."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run was stopped by SIGINT/SIGTERM; ``message`` says what was saved. The command exits with
+    128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message

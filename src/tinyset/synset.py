@@ -8,7 +8,8 @@ learning rate and a dict of JSON-serialisable metadata.
 File format
 -----------
 One ``.safetensors`` file. Tensors: ``images``, ``labels`` and, when present, ``lr`` (a 0-d float64
-tensor). The safetensors string metadata holds a single key, ``tinyset``, whose value is a JSON
+tensor) and any named extra tensors a method stores (``extra.<name>``, e.g. a learned per-step
+learning-rate schedule), which loading returns in :attr:`SyntheticSet.extras`. The safetensors string metadata holds a single key, ``tinyset``, whose value is a JSON
 document::
 
     {"format": "tinyset.synset", "format_version": 1, "info": {...DatasetInfo.to_dict()...},
@@ -122,6 +123,7 @@ class SyntheticSet(Dataset):
     info: DatasetInfo
     lr: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or not isinstance(self.labels, torch.Tensor):
@@ -140,6 +142,9 @@ class SyntheticSet(Dataset):
             raise NumericalError(f"SyntheticSet: {problem}")
         if not isinstance(self.meta, dict):
             raise ConfigError(f"SyntheticSet: meta must be a dict, got {type(self.meta).__name__}")
+        for name, t in self.extras.items():
+            if not isinstance(name, str) or not name or not isinstance(t, torch.Tensor):
+                raise ConfigError(f"SyntheticSet: extras must map non-empty names to tensors, got {name!r}")
 
     # ---------------------------------------------------------------- Dataset protocol and views
     def __len__(self) -> int:
@@ -191,7 +196,7 @@ class SyntheticSet(Dataset):
     def to(self, device: str | torch.device) -> "SyntheticSet":
         """A copy with images and labels on ``device`` (metadata is copied)."""
         return SyntheticSet(self.images.to(device), self.labels.to(device), self.info, self.lr,
-                            copy.deepcopy(self.meta))
+                            copy.deepcopy(self.meta), {k: v.to(device) for k, v in self.extras.items()})
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -246,6 +251,8 @@ class SyntheticSet(Dataset):
         }
         if self.lr is not None:
             tensors["lr"] = torch.tensor(self.lr, dtype=torch.float64)
+        for name, t in self.extras.items():
+            tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: header})
         return path
@@ -283,6 +290,7 @@ class SyntheticSet(Dataset):
                 images = f.get_tensor("images").clone()
                 labels = f.get_tensor("labels").clone()
                 lr_t = f.get_tensor("lr").clone() if "lr" in keys else None
+                extras = {k[len("extra."):]: f.get_tensor(k).clone() for k in sorted(keys) if k.startswith("extra.")}
         except ArtifactError:
             raise
         except Exception as exc:  # SafetensorError, OSError, ...: not a readable safetensors file
@@ -311,7 +319,7 @@ class SyntheticSet(Dataset):
         problem = _finite_problem(images, lr)
         if problem:
             raise fail(problem)
-        synset = cls(images, labels, info, lr, meta)
+        synset = cls(images, labels, info, lr, meta, extras)
         return synset.to(map_location) if torch.device(map_location).type != "cpu" else synset
 
 

@@ -10,6 +10,7 @@ sampled augmentation to the real and synthetic batch of a class before each grad
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
-from tinyset.methods.base import Method
+from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
 from tinyset.models import create_model
 from tinyset.models.layers import Conv2d, Linear
 from tinyset.rng import derive_seed, make_generator
@@ -78,19 +79,62 @@ DISTANCES = {"layerwise": distance_layerwise, "ours": distance_layerwise, "mse":
              "cos": distance_cos}
 
 
-@METHODS.register("dc", help="gradient matching (Zhao et al. 2021)")
-class GradientMatching(Method):
-    name = "dc"
-    uses_dsa = False
+_REF = "VICO-UoE/DatasetCondensation"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        dist = self.cfg.get("distance", "layerwise")
-        if dist not in DISTANCES:
-            raise ConfigError(f"unknown distance {dist!r}; expected one of {', '.join(DISTANCES)}")
-        self.distance = DISTANCES[dist]
-        self.outer_loop = int(self.cfg["outer_loop"])
-        self.inner_loop = int(self.cfg["inner_loop"])
+
+@dataclass
+class DCConfig(DistillConfig):
+    iterations: int = hp(1000, "outer iterations (each: a fresh network, outer_loop image updates)", ge=1)
+    init: str = hp("noise", "initial synthetic images: random real images of the class, or Gaussian noise",
+                   choices=("real", "noise"))
+    lr_img: float = hp(0.1, "learning rate of the synthetic images", gt=0)
+    lr_net: float = hp(0.01, "learning rate of the network's inner updates", gt=0)
+    batch_train: int = hp(256, "batch size of the network's inner updates", ge=1)
+    distance: str = hp("layerwise", "gradient distance ('ours' is the reference's name for layerwise)",
+                       choices=tuple(DISTANCES))
+    outer_loop: int | None = hp(None, "image updates per iteration (none: the published value for the ipc, "
+                                      "else min(ipc, 50))", ge=1, optional=True)
+    inner_loop: int | None = hp(None, "inner network epochs between image updates (none: published value, "
+                                      "else round(500 / ipc) clamped to [10, 50])", ge=1, optional=True)
+
+
+def _loops_from_ipc(values, dataset: str, ipc: int) -> dict:
+    out = {}
+    for name, value in zip(("outer_loop", "inner_loop"), loops_for(ipc)):
+        if values[name] is None:
+            how = "paper: get_loops(ipc) of " + _REF if ipc in PUBLISHED_LOOPS else "rule: loops_for(ipc)"
+            out[name] = (value, how)
+    return out
+
+
+def _cpu_budget(values, dataset: str, ipc: int) -> dict:
+    return {"iterations": {1: 100, 10: 10, 50: 3}.get(ipc, 20), "final_eval": "quick"}
+
+
+_DC_ROW = Row({"iterations": 1000, "lr_img": 0.1, "momentum_img": 0.5, "lr_net": 0.01, "batch_real": 256,
+               "batch_train": 256, "init": "noise", "distance": "layerwise"},
+              f"{_REF} main.py defaults (Zhao et al., ICLR 2021): 1000 iterations, lr_img 0.1, lr_net 0.01, "
+              "batch_real 256, init noise, dis_metric ours, outer/inner loops from get_loops(ipc)")
+_DIGITS_ROW = Row({"batch_real": 128}, "tinyset: digits has at most 143 training images per class",
+                  datasets=("digits",))
+_CPU_RULE = Rule("2-core CPU budget: 100 iterations at ipc 1, 10 at ipc 10, 3 at ipc 50, else 20; "
+                 "quick final evaluation", _cpu_budget)
+
+
+@METHODS.register("dc", help="gradient matching (Zhao et al. 2021)")
+class GradientMatching(Distiller):
+    name = "dc"
+    Config = DCConfig
+    paper = Table((_DC_ROW, _DIGITS_ROW))
+    cpu_rule = _CPU_RULE
+    uses_dsa = False
+    complete = staticmethod(_loops_from_ipc)
+
+    def setup(self, gen: torch.Generator) -> None:
+        self.distance = DISTANCES[self.cfg.distance]
+        self.outer_loop = int(self.cfg.outer_loop)
+        self.inner_loop = int(self.cfg.inner_loop)
+        super().setup(gen)
 
     def _set_bn_stats(self, net: nn.Module, gen: torch.Generator) -> None:
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -103,20 +147,20 @@ class GradientMatching(Method):
         for m in bns:
             m.eval()
 
-    def step(self, images: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator) -> float:
-        cfg, info, k, ipc = self.cfg, self.info, self.info.num_classes, self.ipc
-        net = create_model(cfg["model"], info.channels, k, info.image_size,
+    def step(self, gen: torch.Generator) -> float:
+        cfg, info, k, ipc, images = self.cfg, self.info, self.info.num_classes, self.ipc, self.images
+        net = create_model(cfg.model, info.channels, k, info.image_size,
                            generator=make_generator(derive_seed(gen)), device=self.device)
         net.train()
         layerwise = self.distance is distance_layerwise
         params = _weight_rows(net) if layerwise else list(net.parameters())
-        net_opt = torch.optim.SGD(net.parameters(), lr=float(cfg["lr_net"]))
+        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         total = 0.0
         for ol in range(self.outer_loop):
             self._set_bn_stats(net, gen)
             loss = images.new_zeros(())
             for c in range(k):
-                real = self.pool.sample_class(c, int(cfg["batch_real"]), gen)
+                real = self.pool.sample_class(c, cfg.batch_real, gen)
                 syn = images[c * ipc:(c + 1) * ipc]
                 real, syn = self.siamese(real, syn, gen, torch.zeros(real.shape[0], dtype=torch.long),
                                          torch.zeros(ipc, dtype=torch.long))
@@ -130,10 +174,7 @@ class GradientMatching(Method):
                 g_syn = torch.autograd.grad(F.cross_entropy(out_syn.float(), target[:ipc]), params,
                                             create_graph=True)
                 loss = loss + self.distance([g.float() for g in g_syn], [g.float() for g in g_real])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.check_finite(loss)
-            opt.step()
+            self.update("images", loss)
             total += loss.item()
             if ol == self.outer_loop - 1:
                 break
@@ -145,7 +186,7 @@ class GradientMatching(Method):
         """``inner_loop`` epochs of SGD on the synthetic set (DSA per image for DSA)."""
         k, ipc = self.info.num_classes, self.ipc
         labels = torch.arange(k, device=self.device).repeat_interleave(ipc)
-        bs = int(self.cfg.get("batch_train", 256))
+        bs = self.cfg.batch_train
         n = images.shape[0]
         for _ in range(self.inner_loop):
             perm = torch.randperm(n, generator=gen).to(self.device)
@@ -165,5 +206,10 @@ class GradientMatching(Method):
 @METHODS.register("dsa", help="gradient matching with siamese augmentation (Zhao & Bilen 2021)")
 class SiameseGradientMatching(GradientMatching):
     name = "dsa"
+    paper = Table((
+        Row({**_DC_ROW.values, "init": "real"},
+            f"{_REF} README command for DSA (Zhao & Bilen, ICML 2021): main.py with --init real --method DSA "
+            "--dsa_strategy color_crop_cutout_flip_scale_rotate (no flip on MNIST/SVHN)"),
+        _DIGITS_ROW))
     uses_dsa = True
 

@@ -12,45 +12,68 @@ built one from the same generator), so its forward can be compiled once with ``t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tinyset.methods import METHODS
-from tinyset.methods.base import Method
+from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
 from tinyset.models import create_model
 from tinyset.models.layers import init_parameters
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast
 
-#: compile the embedding network when a run has at least this many iterations (CPU, auto mode)
+#: compile the embedding network when a run has at least this many iterations (CPU, ``compile=auto``)
 COMPILE_MIN_ITERATIONS = 200
+
+_REF = "VICO-UoE/DatasetCondensation main_DM.py defaults and README (Zhao & Bilen, WACV 2023)"
+
+
+@dataclass
+class DMConfig(DistillConfig):
+    iterations: int = hp(20000, "outer iterations", ge=1)
+    lr_img: float = hp(1.0, "learning rate of the synthetic images", gt=0)
+    compile: str = hp("auto", "torch.compile the embedding network (auto: on CPU for runs of at least "
+                              f"{COMPILE_MIN_ITERATIONS} iterations)", choices=("auto", "on", "off"))
+
+
+def _cpu_budget(values, dataset: str, ipc: int) -> dict:
+    return {"iterations": 500 if dataset == "digits" else 1000, "final_eval": "quick"}
 
 
 @METHODS.register("dm", help="distribution matching (Zhao & Bilen 2023)")
-class DistributionMatching(Method):
+class DistributionMatching(Distiller):
     name = "dm"
+    Config = DMConfig
+    paper = Table((
+        Row({"iterations": 20000, "lr_img": 1.0, "momentum_img": 0.5, "batch_real": 256, "init": "real"},
+            f"{_REF}: lr_img 1, batch_real 256, 20000 iterations, init real, DSA "
+            "color_crop_cutout_flip_scale_rotate (no flip for digit datasets, as the DSA README advises)"),
+        Row({"batch_real": 128}, "tinyset: digits has at most 143 training images per class", datasets=("digits",)),
+    ))
+    cpu_rule = Rule("2-core CPU budget: 1000 iterations (500 on digits), quick final evaluation", _cpu_budget)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self, gen: torch.Generator) -> None:
         info = self.info
-        self.net = create_model(self.cfg["model"], info.channels, info.num_classes, info.image_size,
+        self.net = create_model(self.cfg.model, info.channels, info.num_classes, info.image_size,
                                 device=self.device)
         self.net.requires_grad_(False)
         self.net.train()  # BatchNorm networks use batch statistics, as in the reference
         self.embed = self.net.embed
         if self.wants_compile():
             self.embed = torch.compile(self.net.embed, dynamic=False)
+        super().setup(gen)
 
     def wants_compile(self) -> bool:
-        mode = self.cfg.get("compile", "auto")
-        if mode == "auto":
-            return self.device.type == "cpu" and int(self.cfg["iterations"]) >= COMPILE_MIN_ITERATIONS
-        return bool(mode)
+        if self.cfg.compile == "auto":
+            return self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS
+        return self.cfg.compile == "on"
 
-    def step(self, images: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator) -> float:
-        k, ipc, b = self.info.num_classes, self.ipc, int(self.cfg["batch_real"])
+    def step(self, gen: torch.Generator) -> float:
+        k, ipc, b = self.info.num_classes, self.ipc, self.cfg.batch_real
         init_parameters(self.net, make_generator(derive_seed(gen)))
         real, _ = self.pool.sample_classes(b, gen)  # [K*b], class by class
-        real, x_syn = self.siamese(real, images, gen, torch.arange(k).repeat_interleave(b),
+        real, x_syn = self.siamese(real, self.images, gen, torch.arange(k).repeat_interleave(b),
                                    torch.arange(k).repeat_interleave(ipc))
         with torch.no_grad(), autocast(self.device, self.precision):
             emb_real = self.embed(real)
@@ -59,8 +82,5 @@ class DistributionMatching(Method):
         mean_real = emb_real.float().view(k, b, -1).mean(1)
         mean_syn = emb_syn.float().view(k, ipc, -1).mean(1)
         loss = ((mean_real - mean_syn) ** 2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.check_finite(loss)
-        opt.step()
+        self.update("images", loss)
         return loss.item() / k

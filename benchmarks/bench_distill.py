@@ -23,7 +23,8 @@ from reference_loop import reference_dm_iteration  # noqa: E402
 from tinyset.augment import DSA, default_strategy  # noqa: E402
 from tinyset.data import RealPool, load_dataset  # noqa: E402
 from tinyset.methods import METHODS  # noqa: E402
-from tinyset.methods.runner import resolve_config  # noqa: E402
+from tinyset.methods.base import DistillContext  # noqa: E402
+from tinyset.methods.loop import resolve_config  # noqa: E402
 from tinyset.rng import make_generator
 from tinyset.runtime import describe_machine, resolve_precision, resolve_runtime  # noqa: E402
 
@@ -72,11 +73,11 @@ def main() -> None:
                           args.iterations)
     print(f"DM reference loop : {ref:6.2f} s/iteration (fp32, one forward per class)")
     # tinyset DM
-    cfg = resolve_config("dm", args.dataset, ipc, "paper", {"batch_real": args.batch_real})
+    cfg = resolve_config("dm", args.dataset, ipc, "paper", flags={"batch_real": args.batch_real}).values
     g = make_generator(0)
-    x, opt = fresh_images(g)
-    dm = METHODS.get("dm")(cfg, train.info, pool, ipc, dev, prec, aug)
-    ours = time_iterations(lambda: dm.step(x, opt, g), args.iterations)
+    dm = METHODS.get("dm")(cfg, DistillContext(train.info, pool, ipc, dev, prec, aug))
+    dm.setup(g)
+    ours = time_iterations(lambda: dm.step(g), args.iterations)
     print(f"DM tinyset        : {ours:6.2f} s/iteration ({prec}, all classes in one forward)")
     print(f"DM speed-up       : {ref / ours:.2f}x")
     out["dm"] = {"reference_s": ref, "tinyset_s": ours, "speedup": ref / ours}
@@ -86,15 +87,15 @@ def main() -> None:
         over = {"batch_real": args.batch_real}
         if args.dc_outer:
             over["outer_loop"] = args.dc_outer
-        cfg = resolve_config(method, args.dataset, ipc, "paper", over)
+        cfg = resolve_config(method, args.dataset, ipc, "paper", flags=over).values
         g = make_generator(0)
-        x, opt = fresh_images(g)
-        opt = torch.optim.SGD([x], lr=0.1, momentum=0.5)
-        impl = METHODS.get(method)(cfg, train.info, pool, ipc, dev, prec, aug if method == "dsa" else None)
-        s = time_iterations(lambda: impl.step(x, opt, g), max(1, args.iterations // 5), warmup=1)
-        print(f"{method.upper():<3} tinyset       : {s:6.2f} s/iteration ({cfg['outer_loop']} image updates of all "
-              f"classes with {cfg['outer_loop'] - 1} x {cfg['inner_loop']} inner epochs between them)")
-        out[method] = {"tinyset_s": s, "outer_loop": cfg["outer_loop"], "inner_loop": cfg["inner_loop"]}
+        impl = METHODS.get(method)(cfg, DistillContext(train.info, pool, ipc, dev, prec,
+                                                       aug if method == "dsa" else None))
+        impl.setup(g)
+        s = time_iterations(lambda: impl.step(g), max(1, args.iterations // 5), warmup=1)
+        print(f"{method.upper():<3} tinyset       : {s:6.2f} s/iteration ({cfg.outer_loop} image updates of all "
+              f"classes with {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs between them)")
+        out[method] = {"tinyset_s": s, "outer_loop": cfg.outer_loop, "inner_loop": cfg.inner_loop}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -57,11 +57,27 @@ def make_grid(images01: torch.Tensor, nrow: int, pad: int = 2, pad_value: float 
     return grid
 
 
+#: the largest grid side written, in pixels (a bound on --upscale: 1000x on 100 MNIST images would be 313 GB)
+MAX_GRID_PX = 16384
+#: output suffix -> PIL format
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def check_image_suffix(path: str | os.PathLike) -> str:
+    """The PIL format the suffix of ``path`` names; ConfigError for an unknown suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ConfigError(f"--out {path}: cannot tell the image format from the suffix {suffix or '(none)'!r}; "
+                          f"use one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def upscale_factor(height: int, width: int, upscale: int | None = None) -> int:
     """``upscale`` if given (>= 1), else the smallest integer making both sides >= ``MIN_CELL_PX``."""
     if upscale is not None:
         if int(upscale) < 1:
-            raise ConfigError(f"upscale must be >= 1, got {upscale}")
+            raise ConfigError(f"--upscale must be >= 1, got {upscale}")
         return int(upscale)
     return max(1, math.ceil(MIN_CELL_PX / max(1, min(height, width))))
 
@@ -84,21 +100,29 @@ def synset_grid(synset: "SyntheticSet", upscale: int | None = None, pad: int = 2
     for cls, imgs in enumerate(per_class):
         cells[cls * cols: cls * cols + imgs.shape[0]] = imgs
     factor = upscale_factor(h, w, upscale)
+    side = max(cols * (w * factor + pad) + pad, k * (h * factor + pad) + pad)
+    if side > MAX_GRID_PX:
+        largest = max(1, (MAX_GRID_PX - pad) // max(cols, k) - pad) // max(h, w)
+        raise ConfigError(f"--upscale {factor} would make a grid {side} pixels wide; at most {MAX_GRID_PX} are "
+                          f"written (the largest upscale for this set is {largest})")
     if factor > 1:
         cells = cells.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
     return make_grid(cells, nrow=cols, pad=pad, pad_value=pad_value)
 
 
 def save_grid(synset: "SyntheticSet", path: str | os.PathLike, upscale: int | None = None) -> Path:
-    """Write :func:`synset_grid` as a PNG (mode ``L`` for 1 channel, ``RGB`` for 3), atomically."""
+    """Write :func:`synset_grid` atomically in the format the suffix names (mode ``L`` for 1 channel,
+    ``RGB`` for 3)."""
     from PIL import Image
 
+    fmt = check_image_suffix(path)
     grid = synset_grid(synset, upscale=upscale)
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt)
     return path
 
 
-__all__ = ["make_grid", "save_grid", "synset_grid", "upscale_factor", "to_uint8", "MIN_CELL_PX"]
+__all__ = ["make_grid", "save_grid", "synset_grid", "upscale_factor", "to_uint8", "check_image_suffix", "MIN_CELL_PX",
+           "MAX_GRID_PX", "IMAGE_FORMATS"]

@@ -1,0 +1,73 @@
+"""The ``tinyset`` command line: one small module per subcommand, registered in :data:`COMMANDS`.
+
+Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> exit status``. Device,
+precision and threads are resolved once here (:func:`tinyset.runtime.resolve_runtime`) and passed
+down as ``args.runtime``. Bad input exits with status 2 and a one-line message; a run stopped by a
+signal exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+from typing import Sequence
+
+from tinyset import __version__
+from tinyset.errors import Interrupted, TinysetError
+from tinyset.registry import Registry
+
+#: subcommand name -> module path (in the order ``--help`` lists them)
+COMMANDS: Registry = Registry("command")
+for _name in ("datasets", "models", "methods", "select", "distill", "evaluate", "baseline", "show", "export"):
+    COMMANDS.register(_name, f"tinyset.cli.{_name}", help=f"tinyset {_name}")
+_ORDER = ("datasets", "models", "methods", "select", "distill", "evaluate", "baseline", "show", "export")
+
+EPILOG = """examples:
+  tinyset distill --method dm --dataset digits --ipc 10          # no download, well under a minute
+  tinyset methods dc                                             # a method's settings and paper table
+  tinyset select --method random --dataset mnist --ipc 10 --out runs/random10.safetensors
+  tinyset evaluate runs/random10.safetensors --models convnet,mlp --num-models 5
+  tinyset baseline --dataset mnist
+  tinyset show runs/random10.safetensors --out grid.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyset", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Dataset distillation and coreset selection: learn or pick a few images per class, "
+                    "then evaluate them by training fresh networks on them.")
+    parser.add_argument("--version", action="version", version=f"tinyset {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _ORDER:
+        mod = importlib.import_module(COMMANDS.get(name))
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(fn=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "device"):
+            from tinyset.runtime import resolve_runtime, tune_allocator
+
+            args.runtime = resolve_runtime(args.device, getattr(args, "precision", "auto"), args.threads)
+            tune_allocator()
+        return int(args.fn(args) or 0)
+    except TinysetError as exc:
+        print(f"tinyset {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"tinyset {args.command}: {exc.message or 'interrupted'}", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except KeyboardInterrupt:
+        print(f"tinyset {args.command}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

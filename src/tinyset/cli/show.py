@@ -1,0 +1,31 @@
+"""``tinyset show``: a synthetic set as an image grid, one row per class."""
+from __future__ import annotations
+
+import argparse
+
+from tinyset.cli.common import add_force
+
+HELP = "save a synthetic set as an image grid (one row per class)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a .safetensors synthetic-set file")
+    p.add_argument("--out", required=True, help="output image: .png, .jpg/.jpeg, .bmp, .gif, .webp or .tiff "
+                                                "(the format follows the suffix)")
+    p.add_argument("--upscale", type=int, default=None,
+                   help="pixel repeat factor (default: to at least 32 px per image; the grid is kept under "
+                        "the size limit of tinyset.viz)")
+    add_force(p, "image")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tinyset.files import check_output_file
+    from tinyset.synset import SyntheticSet
+    from tinyset.viz import check_image_suffix, save_grid
+
+    check_image_suffix(args.out)
+    check_output_file(args.out, force=args.force, flag="--out")
+    synset = SyntheticSet.load(args.file)
+    out = save_grid(synset, args.out, upscale=args.upscale)
+    print(f"{len(synset)} images, one row per class: {out}")
+    return 0

@@ -190,3 +190,35 @@ def test_a_second_writer_of_one_run_folder_is_refused(tmp_path):
             _toy(tmp_path, "run", 2)
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
     _toy(tmp_path, "run", 2)  # free again
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h.pop("optimizers"), "optimizers"), (lambda h: h.update(iteration="7"), "iteration"),
+    (lambda h: h.update(iteration=-1), "negative"), (lambda h: h.update(format_version=1), "format version"),
+    (lambda h: h.update(format="other"), "not a tinyset checkpoint"), (lambda h: h.update(config=[]), "config"),
+])
+def test_hand_edited_checkpoint_header_gives_a_clear_error(tmp_path, edit, match):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tinyset.errors import ArtifactError
+
+    _toy(tmp_path, "run", 2)
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["tinyset"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(header)
+    save_file(tensors, str(path), metadata={"tinyset": json.dumps(header)})
+    with pytest.raises(ArtifactError, match=match):
+        _toy(tmp_path, "run", 4, resume=True)
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    from tinyset.errors import ArtifactError
+
+    _toy(tmp_path, "run", 2)
+    data = tiny_dataset(num_classes=4)  # same name, one class more: the images do not fit
+    with pytest.raises((ArtifactError, ConfigError)):
+        distill(TOY, data, 2, tmp_path / "run", preset="cpu", overrides={"iterations": 4}, seed=3,
+                precision="fp32", resume=True)

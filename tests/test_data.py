@@ -40,7 +40,7 @@ def write(path: Path, content: bytes, gz: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if gz:
         path = path.with_name(path.name + ".gz")
-        content = gzip.compress(content)
+        content = gzip.compress(content, mtime=0)
     path.write_bytes(content)
     return path
 
@@ -263,7 +263,7 @@ def test_idx_errors(tmp_path: Path, case: str, name: str, content: bytes, needle
 
 
 @pytest.mark.parametrize("content", [b"this is not gzip data at all",
-                                     gzip.compress(idx_bytes(np.zeros((7, 28, 28))))[:-30]])
+                                     gzip.compress(idx_bytes(np.zeros((7, 28, 28))), mtime=0)[:-30]])
 def test_idx_corrupt_gzip(tmp_path: Path, content: bytes) -> None:
     make_idx(tmp_path, gz=True)
     path = write(tmp_path / RAW / "train-images-idx3-ubyte.gz", content)

@@ -85,6 +85,7 @@ def test_distance_layerwise_matches_definition():
     assert float(distance_layerwise(g, [-t for t in g])) == pytest.approx(2 * (4 + 5), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dm", "dc", "dsa"])
 def test_matching_loss_decreases(tmp_path, method):
     data = tiny_dataset(per_class=30)
@@ -171,6 +172,7 @@ def _two_digit_classes(split: str) -> ImageDataset:
     return ImageDataset(info, split, d.images[keep], (d.labels[keep] == 8).long(), d.source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dm", "dc"])
 def test_distillation_beats_its_initialisation_on_real_digits(tmp_path, method):
     """A 2-class real-data problem (scikit-learn's digits 3 vs 8), noise initialisation.

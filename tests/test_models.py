@@ -36,6 +36,7 @@ def test_convnet_reference_semantics():
         (9 * 128 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + 2048 * 10 + 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_instancenorm_cancels_conv_bias_exactly(compiled):
     """The conv bias before an InstanceNorm is skipped: same function as adding it, zero gradient."""

@@ -16,6 +16,7 @@ def mnist(shared_datasets):
     return load_dataset("mnist", "train", root=shared_datasets), load_dataset("mnist", "test", root=shared_datasets)
 
 
+@pytest.mark.slow
 def test_random_selection_trains_a_convnet_on_real_mnist(mnist):
     train, test = mnist
     test = ImageDataset(test.info, "test", test.images[:2000], test.labels[:2000], test.source)  # for speed
@@ -27,6 +28,7 @@ def test_random_selection_trains_a_convnet_on_real_mnist(mnist):
     assert r["mean"] > 0.80  # 100 real images; the full 1000-epoch protocol gives about 93.5%
 
 
+@pytest.mark.slow
 def test_dm_on_real_mnist_lowers_its_loss_and_writes_a_loadable_set(mnist, tmp_path):
     train, _ = mnist
     syn = distill("dm", train, 1, tmp_path / "dm", preset="cpu",

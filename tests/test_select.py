@@ -6,15 +6,19 @@ import math
 import pytest
 import torch
 
+import json
+
+import tinyset.select.greedy as greedy
 from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.errors import ConfigError
-from tinyset.select import SELECTORS, select
+from tinyset.results import SelectionResult
+from tinyset.select import SELECTORS, Selection, select, top_per_class
 from tinyset.select._embed import embed_dataset
 from tinyset.select.forgetting import count_forgetting, most_forgotten, stratified_subset
-from tinyset.select.herding import herding_order
-from tinyset.select.kcenter import kcenter_order
+from tinyset.select.herding import HerdingCriterion, herding_order
+from tinyset.select.kcenter import KCenterCriterion, kcenter_order
 from tinyset.synset import SyntheticSet
-from tinyset.rng import make_generator
+from tinyset.rng import derive_seed, make_generator
 
 INFO = DatasetInfo("tiny-sel", 1, (8, 8), 3, ("a", "b", "c"), (0.3,), (0.35,))
 PER_CLASS = 30
@@ -116,8 +120,13 @@ def test_most_forgotten_order() -> None:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ipc", [1, 4])
 def test_select_exact_ipc(train: ImageDataset, method: str, ipc: int) -> None:
-    syn = select(method, train, ipc, seed=0, **FAST.get(method, {}))
+    res = select(method, train, ipc, seed=0, **FAST.get(method, {}))
+    assert isinstance(res, SelectionResult)
+    syn = res.synset
     assert isinstance(syn, SyntheticSet)
+    assert res.indices == syn.meta["source_indices"]
+    assert (res.method, res.dataset, res.ipc, res.seed) == (method, "tiny-sel", ipc, 0)
+    assert res.config == syn.meta["config"] and res.seconds >= 0
     assert len(syn) == 3 * ipc
     assert syn.ipc == ipc
     src = torch.tensor(syn.meta["source_indices"])
@@ -132,14 +141,15 @@ def test_select_exact_ipc(train: ImageDataset, method: str, ipc: int) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_select_deterministic(train: ImageDataset, method: str) -> None:
     opts = FAST.get(method, {})
-    a = select(method, train, 3, seed=5, **opts).meta["source_indices"]
-    b = select(method, train, 3, seed=5, **opts).meta["source_indices"]
-    assert a == b
+    a = select(method, train, 3, seed=5, **opts)
+    b = select(method, train, 3, seed=5, **opts)
+    assert a.synset.meta["source_indices"] == b.synset.meta["source_indices"]
+    assert torch.equal(a.scores, b.scores)
 
 
 def test_random_seed_changes_selection(train: ImageDataset) -> None:
-    a = select("random", train, 3, seed=0).meta["source_indices"]
-    b = select("random", train, 3, seed=1).meta["source_indices"]
+    a = select("random", train, 3, seed=0).indices
+    b = select("random", train, 3, seed=1).indices
     assert a != b
 
 
@@ -163,7 +173,7 @@ def test_herding_ipc1_is_closest_to_class_mean(train: ImageDataset) -> None:
         idx = (train.labels == c).nonzero().flatten()
         e = emb[idx].double()
         expected.append(int(idx[((e - e.mean(0)) ** 2).sum(1).argmin()]))
-    assert select("herding", train, 1, seed=3).meta["source_indices"] == expected
+    assert select("herding", train, 1, seed=3).synset.meta["source_indices"] == expected
 
 
 def test_embed_dataset_batches_and_seed(train: ImageDataset) -> None:
@@ -175,17 +185,130 @@ def test_embed_dataset_batches_and_seed(train: ImageDataset) -> None:
 
 
 def test_kcenter_picks_the_outlier(train: ImageDataset) -> None:
-    syn = select("k-center", train, 2, seed=0)
+    res = select("k-center", train, 2, seed=0)
     outlier = 3 * (PER_CLASS - 1)
-    assert outlier in syn.meta["source_indices"]
+    assert outlier in res.synset.meta["source_indices"]
 
 
 def test_forgetting_max_train(train: ImageDataset) -> None:
-    syn = select("forgetting", train, 2, seed=0, max_train=30, epochs=2, precision="fp32")
+    res = select("forgetting", train, 2, seed=0, max_train=30, epochs=2, precision="fp32")
+    syn = res.synset
     assert syn.ipc == 2
     assert syn.meta["config"]["max_train"] == 30
+    # samples outside the training subsample were never seen: score -inf, never picked
+    seen = torch.isfinite(res.scores) | (res.scores == math.inf)
+    assert int(seen.sum()) == 30
+    # the subsample is the selector's first child generator's draw
+    subset = stratified_subset(train, 30, 2, make_generator(derive_seed(make_generator(0))))
+    assert torch.equal(seen.nonzero().flatten(), subset)
+    assert bool(seen[torch.tensor(res.indices)].all())
     sub = stratified_subset(train, 30, 2, make_generator(0))
     assert torch.bincount(train.labels[sub]).tolist() == [10, 10, 10]
     # a class never drops below ipc
     sub = stratified_subset(train, 3, 4, make_generator(0))
     assert torch.bincount(train.labels[sub]).tolist() == [4, 4, 4]
+
+
+# ---------------------------------------------------------------- scores, top_per_class, the shared greedy loop
+
+def test_top_per_class_by_hand() -> None:
+    scores = torch.tensor([0.5, 2.0, 1.0, 2.0, -math.inf, 3.0, 1.0, 0.0, math.inf], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    # class 0: 2.0 at 1 and 3 (tie -> lower index first), then 1.0; class 1: 3.0, then 1.0 (never -inf)
+    assert top_per_class(scores, labels, 2).tolist() == [1, 3, 5, 6, 8, 7]
+    assert top_per_class(scores, labels, 1).tolist() == [1, 5, 8]
+    assert top_per_class(scores, labels, 0).tolist() == []
+    with pytest.raises(ValueError, match="class 1 has 2 samples with a score above -inf, cannot pick 3"):
+        top_per_class(scores, labels, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        top_per_class(torch.tensor([0.0, math.nan]), torch.tensor([0, 1]), 1)
+    with pytest.raises(ValueError, match="scores"):
+        top_per_class(scores[:-1], labels, 1)
+    # an empty class among num_classes
+    with pytest.raises(ValueError, match="class 3 has 0"):
+        top_per_class(scores, labels, 1, num_classes=4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_scores_rank_the_chosen_indices(train: ImageDataset, method: str) -> None:
+    res = select(method, train, 4, seed=1, **FAST.get(method, {}))
+    assert res.scores.dtype == torch.float64 and res.scores.shape == (len(train),)
+    assert not bool(torch.isnan(res.scores).any())
+    # the chosen indices are exactly the top 4 per class of the scores, in score order
+    assert top_per_class(res.scores, train.labels, 4).tolist() == res.indices
+    chosen = torch.zeros(len(train), dtype=torch.bool)
+    chosen[torch.tensor(res.indices)] = True
+    if method in ("herding", "k-center"):
+        # picks score -(pick step), every other sample was never reached
+        assert bool((res.scores[~chosen] == -math.inf).all())
+        for c in range(3):
+            picked = torch.tensor(res.indices[4 * c:4 * c + 4])
+            assert res.scores[picked].tolist() == [0.0, -1.0, -2.0, -3.0]
+    elif method == "random":
+        assert bool(((res.scores >= 0) & (res.scores < 1)).all())
+    else:  # forgetting counts: whole numbers >= 0 or inf (never learned)
+        s = res.scores
+        assert bool(((s >= 0) & ((s == math.inf) | (s == s.floor()))).all())
+    # scores are a runtime field: not in the JSON form
+    d = res.to_dict()
+    assert "scores" not in d and "synset" not in d and d["indices"] == res.indices
+    json.dumps(d)
+
+
+def test_herding_and_kcenter_share_one_greedy_loop(monkeypatch, train: ImageDataset) -> None:
+    calls = []
+    real = greedy.greedy_order
+
+    def spy(emb, k, criterion, *args, **kwargs):
+        calls.append(criterion)
+        return real(emb, k, criterion, *args, **kwargs)
+
+    monkeypatch.setattr(greedy, "greedy_order", spy)
+    g = torch.Generator().manual_seed(11)
+    emb = torch.randn(40, 5, generator=g)
+    # pinned: the orders of the two separate loops tinyset had before they were merged
+    assert herding_order(emb, 12).tolist() == [28, 0, 34, 9, 29, 16, 20, 5, 13, 39, 10, 22]
+    assert kcenter_order(emb, 12).tolist() == [28, 23, 6, 2, 26, 3, 36, 14, 8, 17, 5, 11]
+    assert calls == [HerdingCriterion, KCenterCriterion]
+    calls.clear()
+    assert select("herding", train, 4, seed=0).indices == [45, 48, 36, 69, 31, 13, 16, 34, 44, 38, 77, 17]
+    assert select("k-center", train, 4, seed=0).indices == [45, 87, 84, 63, 31, 7, 88, 64, 44, 59, 68, 29]
+    assert calls == [HerdingCriterion] * 3 + [KCenterCriterion] * 3  # one greedy run per class
+
+
+def test_greedy_order_with_a_custom_criterion() -> None:
+    class Largest:
+        """Gain = the first coordinate: picks rows by decreasing value, ties to the lowest position."""
+
+        def __init__(self, e):
+            self.e = e
+            self.added = []
+
+        def gains(self, t):
+            return self.e[:, 0]
+
+        def add(self, i):
+            self.added.append(i)
+
+    emb = torch.tensor([[1.0], [3.0], [2.0], [3.0]])
+    picks = []
+    assert greedy.greedy_order(emb, 4, Largest, on_pick=picks.append).tolist() == [1, 3, 2, 0]
+    assert picks == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cannot pick 5 of 4"):
+        greedy.greedy_order(emb, 5, Largest)
+    with pytest.raises(ValueError, match=r"expects embeddings \[n, D\]"):
+        greedy.greedy_order(torch.ones(4), 1, Largest)
+
+
+def test_selection_normalises_dtypes() -> None:
+    sel = Selection([2, 0], torch.tensor([1.0, 0.0, 2.0], dtype=torch.float32))
+    assert sel.indices.dtype == torch.long and sel.scores.dtype == torch.float64
+
+
+def test_unknown_selector_option_is_config_error(train: ImageDataset) -> None:
+    with pytest.raises(ConfigError, match="selector herding has no option epochs; its options: model"):
+        select("herding", train, 1, epochs=3)
+    with pytest.raises(ConfigError, match="selector random has no option model; its options: none"):
+        select("random", train, 1, model="mlp")
+    with pytest.raises(ConfigError, match="unknown selector"):
+        select("nope", train, 1)

@@ -1,10 +1,13 @@
 """Evaluation: train fresh networks on a set and report real test accuracy (mean ± std).
 
 The protocol (``Protocol``) is recorded with every result. Nothing here looks at the test set
-except to report the final accuracy of every trained model.
+except to report the final accuracy of every trained model. Networks are trained by the one
+training loop of tinyset, :func:`tinyset.training.train_ensemble`, and tested by
+:func:`tinyset.training.test_accuracy` (both re-exported here).
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -15,14 +18,21 @@ from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.errors import ConfigError
 from tinyset.evaluate.protocol import Protocol
 from tinyset.evaluate.report import format_table
-from tinyset.evaluate.trainer import TrainSettings, test_accuracy, train_ensemble
-from tinyset.models import create_model
-from tinyset.results import mean_std
+from tinyset.models import MODELS, create_model
+from tinyset.results import EvaluationResult, ModelScore, mean_std
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import resolve_precision
+from tinyset.training import TrainSettings, compile_errors, compile_status, test_accuracy, train_ensemble
 
 #: below this many optimiser steps per model, torch.compile's start-up cost is not worth paying
 COMPILE_MIN_STEPS = 300
+
+#: ``progress(model, epoch, epochs, loss, train_acc)`` after every epoch
+EpochProgress = Callable[[str, int, int, float, float], None]
+#: ``step_progress(model, epochs_done, epochs)`` after every training step (``epochs_done`` fractional)
+StepProgress = Callable[[str, float, int], None]
+#: ``test_progress(model, batches_done, batches_total)`` after every batch of the test pass
+TestProgress = Callable[[str, int, int], None]
 
 
 def settings_for(protocol: Protocol, num_images: int, device: torch.device, lr: float) -> TrainSettings:
@@ -41,22 +51,56 @@ def make_augment(protocol: Protocol, dataset: str) -> DSA | None:
     return DSA(protocol.dsa_strategy or default_strategy(dataset))
 
 
+def check_models(models: Sequence[str] | str, info: DatasetInfo | None = None) -> list[str]:
+    """The architecture names of ``models`` (a list, or one comma-separated string), checked.
+
+    Raises :class:`~tinyset.errors.ConfigError` for an empty list, for names that are not in
+    :data:`tinyset.models.MODELS` (all of them listed, with the known names) and, given ``info``,
+    for architectures that cannot be built for its images. Nothing is trained.
+    """
+    if isinstance(models, str):
+        models = [m for m in models.split(",")]
+    names = [str(m).strip() for m in models if str(m).strip()]
+    if not names:
+        raise ConfigError(f"--models names no architecture (got {list(models)!r}); expected one or more of: "
+                          f"{', '.join(MODELS.names())}")
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise ConfigError(f"--models: unknown architecture{'s' if len(bad) > 1 else ''} "
+                          f"{', '.join(repr(b) for b in bad)}; known: {', '.join(MODELS.names())}")
+    if info is not None:
+        for n in names:  # a one-member build (throwaway weights) catches size mismatches early
+            create_model(n, info.channels, info.num_classes, info.image_size, members=1,
+                         generator=make_generator(0))
+    return names
+
+
 def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, test: ImageDataset,
                      models: Sequence[str] = ("convnet",), protocol: Protocol | None = None,
                      seed: int = 0, device: str | torch.device = "cpu", learned_lr: float | None = None,
-                     progress: Callable[[str, int, int, float, float], None] | None = None,
-                     step_progress: Callable[[str, float, int], None] | None = None) -> dict[str, Any]:
+                     progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
+                     test_progress: TestProgress | None = None) -> EvaluationResult:
     """Train ``protocol.num_models`` fresh networks of each architecture on ``(images, labels)``.
 
-    Returns a JSON-ready dict: protocol, seed, per-model accuracies with mean and std, seconds.
-    ``progress(model, epoch, epochs, loss, train_acc)`` is called after every epoch and
-    ``step_progress(model, epochs_done, epochs)`` (``epochs_done`` fractional) after every step.
+    Returns an :class:`~tinyset.results.EvaluationResult`: the protocol (with ``lr_used``,
+    ``precision_used``, ``compiled`` -- whether every network really ran compiled -- and
+    ``augment_strategy``), seed, and one :class:`~tinyset.results.ModelScore` per architecture
+    (test accuracy of every network, mean, std, seconds). The model list is checked before any
+    training. Callbacks, all optional:
+
+    * ``progress(model, epoch, epochs, loss, train_acc)`` after every epoch;
+    * ``step_progress(model, epochs_done, epochs)`` (``epochs_done`` fractional) after every step;
+    * ``test_progress(model, batches_done, batches_total)`` after every batch of the test pass
+      that follows a model's training (a full test split is tens of batches).
     """
     protocol = protocol or Protocol.preset("dsa")
+    names = check_models(models, info)
     device = torch.device(device)
     lr = protocol.lr if protocol.lr is not None else learned_lr
     if lr is None:
         raise ConfigError("the protocol asks for the set's learned lr (lr=None) but the set has none")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the set's learned lr must be a finite number > 0, got {lr!r}")
     if test.info.channels != info.channels or tuple(test.info.image_size) != tuple(info.image_size):
         raise ConfigError(f"test set {test.info.name} has images {test.info.channels}x"
                           f"{test.info.image_size} but the set has {info.channels}x{info.image_size}")
@@ -67,8 +111,10 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     settings = settings_for(protocol, images.shape[0], device, lr)
     augment = make_augment(protocol, info.name)
     root = make_generator(seed)
-    rows = []
-    for name in models:
+    rows: list[ModelScore] = []
+    compiled_all = settings.compile
+    fallbacks: dict[str, dict[str, str]] = {}
+    for name in names:
         gen = make_generator(derive_seed(root))
         model = create_model(name, info.channels, info.num_classes, info.image_size,
                              members=protocol.num_models, generator=gen, device=device)
@@ -79,49 +125,63 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         step_cb = None
         if step_progress is not None:
             step_cb = lambda ep, done, n, _n=name: step_progress(_n, ep + done / n, protocol.train_epochs)  # noqa: E731
+        test_cb = None
+        if test_progress is not None:
+            test_cb = lambda done, n, _n=name: test_progress(_n, done, n)  # noqa: E731
         train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb)
         train_s = time.perf_counter() - start
-        accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile)
+        accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile,
+                             progress=test_cb)
         total_s = time.perf_counter() - start
+        if settings.compile:
+            status = compile_status(model)
+            compiled_all = compiled_all and all(status.values())
+            if compile_errors(model):
+                fallbacks[name] = compile_errors(model)
         mean, std = mean_std(accs)
-        rows.append({"model": name, "accuracies": accs, "mean": mean, "std": std,
-                     "train_seconds": train_s, "seconds": total_s,
-                     "seconds_per_model": total_s / protocol.num_models})
-    return {
-        "protocol": {**protocol.to_dict(), "lr_used": lr, "precision_used": settings.precision,
-                     "compiled": settings.compile, "augment_strategy": augment.strategy if augment else "none"},
-        "dataset": info.name,
-        "num_images": int(images.shape[0]),
-        "seed": seed,
-        "device": str(device),
-        "results": rows,
-    }
+        rows.append(ModelScore(model=name, accuracies=accs, mean=mean, std=std, train_seconds=train_s,
+                               seconds=total_s, seconds_per_model=total_s / protocol.num_models))
+    proto = {**protocol.to_dict(), "lr_used": lr, "precision_used": settings.precision,
+             "compiled": bool(compiled_all), "augment_strategy": augment.strategy if augment else "none"}
+    if fallbacks:
+        proto["compile_fallback"] = fallbacks
+    return EvaluationResult(protocol=proto, dataset=info.name, num_images=int(images.shape[0]), seed=seed,
+                            device=str(device), results=rows)
 
 
 def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("convnet",),
                     protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                    progress: Callable[..., None] | None = None,
-                    step_progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``."""
+                    progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
+                    test_progress: TestProgress | None = None) -> EvaluationResult:
+    """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``.
+
+    As :func:`evaluate_tensors`; the result's ``set`` says what was evaluated (method, ipc,
+    number of images, the set's metadata).
+    """
     res = evaluate_tensors(synset.images, synset.labels, synset.info, test, models, protocol, seed,
-                           device, learned_lr=synset.lr, progress=progress, step_progress=step_progress)
-    res["synset"] = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
-                     "meta": synset.meta}
+                           device, learned_lr=synset.lr, progress=progress, step_progress=step_progress,
+                           test_progress=test_progress)
+    res.set = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
+               "meta": synset.meta}
     return res
 
 
 def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str] = ("convnet",),
                   protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                  progress: Callable[..., None] | None = None,
-                  step_progress: Callable[..., None] | None = None) -> dict[str, Any]:
-    """The full-dataset baseline: the same networks trained on the whole real training split."""
+                  progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
+                  test_progress: TestProgress | None = None) -> EvaluationResult:
+    """The full-dataset baseline: the same networks trained on the whole real training split.
+
+    As :func:`evaluate_tensors`; the result's ``set`` is ``{"method": "full-dataset", "num_images": N}``.
+    """
     protocol = protocol or Protocol.preset("fulldata")
+    check_models(models)  # names, before normalising the whole training split
     images = train.normalized(device)
     res = evaluate_tensors(images, train.labels, train.info, test, models, protocol, seed, device,
-                           progress=progress, step_progress=step_progress)
-    res["synset"] = {"method": "full-dataset", "num_images": len(train)}
+                           progress=progress, step_progress=step_progress, test_progress=test_progress)
+    res.set = {"method": "full-dataset", "num_images": len(train)}
     return res
 
 
-__all__ = ["Protocol", "evaluate_synset", "evaluate_tensors", "evaluate_full", "format_table",
-           "train_ensemble", "test_accuracy", "TrainSettings"]
+__all__ = ["Protocol", "evaluate_synset", "evaluate_tensors", "evaluate_full", "format_table", "check_models",
+           "settings_for", "make_augment", "train_ensemble", "test_accuracy", "TrainSettings"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from tinyset.config import load_preset
 from tinyset.errors import ConfigError
+from tinyset.training import check_number
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,28 @@ class Protocol:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.num_models < 1:
-            raise ConfigError(f"num_models must be >= 1, got {self.num_models}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        """Reject impossible values: every number finite and in range, the messages name the field."""
+        own = "protocol"
+        ints = {"epochs": 1, "num_models": 1, "batch_size": 1}
+        for name, low in ints.items():
+            object.__setattr__(self, name, check_number(own, name, getattr(self, name), low=low, integer=True))
+        if self.lr is not None:
+            object.__setattr__(self, "lr", check_number(own, "lr", self.lr, low=0, low_open=True))
+        object.__setattr__(self, "momentum", check_number(own, "momentum", self.momentum, low=0, high=1,
+                                                          high_open=True))
+        object.__setattr__(self, "weight_decay", check_number(own, "weight_decay", self.weight_decay, low=0))
+        object.__setattr__(self, "lr_decay_at", check_number(own, "lr_decay_at", self.lr_decay_at, low=0,
+                                                             high=1))
+        object.__setattr__(self, "lr_decay_factor", check_number(own, "lr_decay_factor", self.lr_decay_factor,
+                                                                 low=0, high=1, low_open=True))
         if self.augment not in ("dsa", "none"):
-            raise ConfigError(f"augment must be 'dsa' or 'none', got {self.augment!r}")
+            raise ConfigError(f"protocol augment must be 'dsa' or 'none', got {self.augment!r}")
         if self.schedule not in ("fraction", "reference"):
-            raise ConfigError(f"schedule must be 'fraction' or 'reference', got {self.schedule!r}")
+            raise ConfigError(f"protocol schedule must be 'fraction' or 'reference', got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"protocol precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.compile not in (None, True, False):
+            raise ConfigError(f"protocol compile must be true, false or null (automatic), got {self.compile!r}")
 
     @property
     def train_epochs(self) -> int:
@@ -84,3 +94,31 @@ class Protocol:
         if not given:
             return self
         return replace(self, **given, overrides={**self.overrides, **given})
+
+
+def _preset_folder():
+    from importlib import resources
+
+    return resources.files("tinyset.presets").joinpath("evaluate")
+
+
+def list_presets() -> list[str]:
+    """Names of the evaluation protocol presets (``presets/evaluate/*.json``)."""
+    folder = _preset_folder()
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")) if folder.is_dir() else []
+
+
+def load_preset(kind: str, name: str) -> dict[str, Any]:
+    """The evaluation preset ``name`` as a dict (each file names its ``source``)."""
+    import json
+
+    path = _preset_folder().joinpath(f"{name}.json")
+    if not path.is_file():
+        raise ConfigError(f"no {kind} preset named {name!r} (an evaluation protocol); known: {', '.join(list_presets()) or 'none'}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"protocol file {path} is not valid JSON: {exc}") from None
+    if "source" not in data:
+        raise ConfigError(f"protocol file {path} has no 'source' field")
+    return data

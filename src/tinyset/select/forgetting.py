@@ -9,24 +9,28 @@ forgetting events are kept (the selection used as a coreset baseline by DeepCore
 DEXA 2022).
 
 Here a freshly initialised one-member network (ConvNet by default) trains on the real training
-set for ``epochs`` epochs (default 3; SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
-no augmentation) and correctness is read from the forward pass of each training step. The short
-schedule and ``max_train`` (a seeded, class-stratified subsample) keep it affordable on a CPU.
+set in the shared loop :func:`tinyset.training.train_ensemble` for ``epochs`` epochs (default 3;
+SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, constant lr, no augmentation), and the
+loop's per-batch hook reads each sample's correctness from the forward pass of the training step it
+was part of. The short schedule and ``max_train`` (a seeded, class-stratified subsample) keep it
+affordable on a CPU. The selection's scores are the forgetting counts (``inf`` for never learned;
+``-inf`` for samples outside the ``max_train`` subsample).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from tinyset.data.base import ImageDataset
-from tinyset.errors import ConfigError, NumericalError
+from tinyset.errors import ConfigError
 from tinyset.models import create_model
-from tinyset.select import SELECTORS, per_class_indices
 from tinyset.rng import derive_seed, make_generator
-from tinyset.runtime import autocast, resolve_precision
+from tinyset.runtime import resolve_precision
+from tinyset.select import SELECTORS
+from tinyset.select.base import Selection, per_class_indices, top_per_class
+from tinyset.training import TrainSettings, train_ensemble
 
 
 def count_forgetting(history: torch.Tensor) -> torch.Tensor:
@@ -76,9 +80,9 @@ def forgetting_history(train: ImageDataset, generator: torch.Generator, device: 
                        precision: str = "auto") -> torch.Tensor:
     """Train a fresh ``model`` on all of ``train``; bool ``[epochs, N]`` correctness per presentation.
 
-    Every epoch presents each example once (a new shuffle drawn from ``generator``); entry
-    ``[e, i]`` is whether example ``i`` was classified correctly by the forward pass of the training
-    step it was part of in epoch ``e`` (before that step's update).
+    Every epoch presents each example once (the loop's shuffle, drawn from a child generator of
+    ``generator``); entry ``[e, i]`` is whether example ``i`` was classified correctly by the
+    forward pass of the training step it was part of in epoch ``e`` (before that step's update).
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
@@ -86,47 +90,36 @@ def forgetting_history(train: ImageDataset, generator: torch.Generator, device: 
     net = create_model(model, info.channels, info.num_classes, info.image_size, members=1,
                        generator=make_generator(derive_seed(generator)), device=device)
     shuffle = make_generator(derive_seed(generator))
-    images = train.normalized(device)
-    labels = train.labels.to(device)
     n = len(train)
-    bs = min(batch_size, n)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    settings = TrainSettings(epochs=epochs, lr=lr, momentum=0.9, weight_decay=5e-4, batch_size=batch_size,
+                             lr_decay_factor=1.0, precision=precision)
     history = torch.zeros(epochs, n, dtype=torch.bool)
-    net.train()
-    steps_per_epoch = math.ceil(n / bs)
+    labels_cpu = train.labels.cpu()
+
+    def record(ep: int, idx: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor) -> None:
+        history[ep, idx] = logits.argmax(dim=1).cpu() == labels_cpu[idx]
+
+    steps_per_epoch = math.ceil(n / min(batch_size, n))
     with tqdm(total=epochs * steps_per_epoch, desc="forgetting", unit="batch", disable=None,
               leave=False) as bar:
-        for ep in range(epochs):
-            perm = torch.randperm(n, generator=shuffle)
-            for b0 in range(0, n, bs):
-                idx = perm[b0:b0 + bs]
-                dev_idx = idx.to(device)
-                x, y = images.index_select(0, dev_idx), labels.index_select(0, dev_idx)
-                with autocast(device, precision):
-                    out = net(x)
-                out = out.float()
-                loss = F.cross_entropy(out, y)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise NumericalError(f"forgetting: training loss became {loss_value} in epoch {ep}")
-                history[ep, idx] = (out.detach().argmax(dim=1) == y).cpu()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                bar.update(1)
-                bar.set_postfix(epoch=ep + 1, loss=f"{loss_value:.3f}", refresh=False)
+        train_ensemble(net, train.normalized(device), train.labels.to(device), settings, shuffle,
+                       on_batch=record, on_step=lambda *_: bar.update(1),
+                       on_epoch=lambda ep, loss, acc: bar.set_postfix(epoch=ep + 1, loss=f"{loss:.3f}",
+                                                                      refresh=False))
     return history
 
 
 @SELECTORS.register("forgetting", help="per class, the most-forgotten examples while training a ConvNet (Toneva 2019)")
 def forgetting_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
                       model: str = "convnet", epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
-                      precision: str = "auto", max_train: int | None = None) -> torch.Tensor:
+                      precision: str = "auto", max_train: int | None = None) -> Selection:
     """The ``ipc`` examples per class with the most forgetting events (never learned first)."""
-    if epochs < 1:
-        raise ConfigError(f"forgetting needs epochs >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"forgetting needs epochs >= 1, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"forgetting batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"forgetting lr must be a finite number > 0, got {lr!r}")
     if max_train is not None:
         if max_train < 1:
             raise ConfigError(f"max_train must be >= 1, got {max_train}")
@@ -137,11 +130,11 @@ def forgetting_select(train: ImageDataset, ipc: int, generator: torch.Generator,
         data = train
     history = forgetting_history(data, generator, device, model=model, epochs=epochs,
                                  batch_size=batch_size, lr=lr, precision=precision)
-    counts = count_forgetting(history)
-    picks = []
-    for idx in per_class_indices(data):  # positions in `data`, ascending
-        picks.append(subset[idx[most_forgotten(counts[idx], ipc)]])
-    return torch.cat(picks)
+    scores = torch.full((len(train),), -math.inf, dtype=torch.float64)
+    scores[subset] = count_forgetting(history)
+    return Selection(top_per_class(scores, train.labels, ipc, train.info.num_classes), scores,
+                     order_note="forgetting: forgetting events while training (inf = never learned, "
+                                "-inf = not in the max_train subsample)")
 
 
 __all__ = ["count_forgetting", "most_forgotten", "stratified_subset", "forgetting_history",

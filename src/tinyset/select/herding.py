@@ -14,45 +14,48 @@ from __future__ import annotations
 
 import torch
 
-from tinyset.select import SELECTORS
+from tinyset.select import SELECTORS, greedy
 from tinyset.select._embed import embedding_selector
+
+
+class HerdingCriterion:
+    """Herding as a greedy criterion: the gain of row ``i`` at step ``t`` is ``-||e_i - a||^2 + ||a||^2``.
+
+    At step ``t`` (``t`` rows chosen, their sum ``s``) the row ``i`` minimising
+    ``||(s + e_i) / (t + 1) - mu||`` is added, i.e. minimising ``||e_i - a||^2`` with
+    ``a = (t + 1) mu - s``. That is evaluated for every candidate at once as
+    ``||e_i||^2 - 2 e_i . a`` (float64); the gain is its negation.
+    """
+
+    def __init__(self, e: torch.Tensor):
+        self.e = e
+        self.mu = e.mean(dim=0)
+        self.sq = e.pow(2).sum(dim=1)  # [n]
+        self.total = torch.zeros_like(self.mu)
+
+    def gains(self, t: int) -> torch.Tensor:
+        target = (t + 1) * self.mu - self.total
+        return -(self.sq - 2.0 * (self.e @ target))
+
+    def add(self, i: int) -> None:
+        self.total += self.e[i]
 
 
 def herding_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     """Positions ``int64 [k]`` of the rows of ``emb [n, D]`` chosen by herding, in order.
 
-    At step ``t`` (``t`` rows chosen, their sum ``s``) the row ``i`` minimising
-    ``||(s + e_i) / (t + 1) - mu||`` is added, i.e. minimising ``||e_i - ((t + 1) mu - s)||^2``.
-    That is evaluated for every candidate at once as ``||e_i||^2 - 2 e_i . a`` (float64,
-    ``a = (t + 1) mu - s``); chosen rows are excluded; ties go to the lowest position.
+    :func:`tinyset.select.greedy.greedy_order` with :class:`HerdingCriterion`: chosen rows are
+    excluded; ties go to the lowest position.
     """
-    if emb.dim() != 2:
-        raise ValueError(f"herding_order expects embeddings [n, D], got shape {tuple(emb.shape)}")
-    n = emb.shape[0]
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot pick {k} of {n} rows")
-    e = emb.to(torch.float64)
-    mu = e.mean(dim=0)
-    sq = e.pow(2).sum(dim=1)  # [n]
-    chosen = torch.zeros(n, dtype=torch.bool, device=e.device)
-    total = torch.zeros_like(mu)
-    order = torch.empty(k, dtype=torch.long, device=e.device)
-    for t in range(k):
-        target = (t + 1) * mu - total
-        score = sq - 2.0 * (e @ target)
-        score[chosen] = float("inf")
-        i = torch.argmin(score)  # first minimum: lowest position on ties
-        order[t] = i
-        chosen[i] = True
-        total += e[i]
-    return order
+    return greedy.greedy_order(emb, k, HerdingCriterion, name="herding_order")
 
 
 herding_select = SELECTORS.register(
     "herding",
-    embedding_selector(herding_order, "Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+    embedding_selector(HerdingCriterion, "herding",
+                       "Herding on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
     help="per class, greedy running-mean matching of ConvNet embeddings (Welling 2009)",
 )
 
 
-__all__ = ["herding_order", "herding_select"]
+__all__ = ["HerdingCriterion", "herding_order", "herding_select"]

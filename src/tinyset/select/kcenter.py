@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tinyset.select import SELECTORS
+from tinyset.select import SELECTORS, greedy
 from tinyset.select._embed import embedding_selector
 
 
@@ -24,41 +24,45 @@ def _sq_dist_to(e: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return (sq - 2.0 * (e @ c) + c.dot(c)).clamp_min_(0.0)
 
 
+class KCenterCriterion:
+    """K-center greedy as a greedy criterion.
+
+    Step 0: the gain is minus the distance to the mean (the row closest to the mean first). Later
+    steps: the distance to the nearest chosen center, kept up to date incrementally (one ``[n]``
+    distance vector per pick: O(n D k) time, O(n) extra memory), in float64.
+    """
+
+    def __init__(self, e: torch.Tensor):
+        self.e = e
+        self.sq = e.pow(2).sum(dim=1)
+        self.min_d: torch.Tensor | None = None
+
+    def gains(self, t: int) -> torch.Tensor:
+        if self.min_d is None:
+            return -_sq_dist_to(self.e, self.sq, self.e.mean(dim=0))
+        return self.min_d
+
+    def add(self, i: int) -> None:
+        d = _sq_dist_to(self.e, self.sq, self.e[i])
+        self.min_d = d if self.min_d is None else torch.minimum(self.min_d, d)
+
+
 def kcenter_order(emb: torch.Tensor, k: int) -> torch.Tensor:
     """Positions ``int64 [k]`` of the rows of ``emb [n, D]`` chosen by k-center greedy, in order.
 
     First the row closest to the mean, then repeatedly the row with the largest distance to its
-    nearest chosen center. The nearest-center distances are kept up to date incrementally (one
-    ``[n]`` distance vector per step: O(n D k) time, O(n) extra memory), in float64. Chosen rows
-    are never picked again; ties go to the lowest position.
+    nearest chosen center (:func:`tinyset.select.greedy.greedy_order` with
+    :class:`KCenterCriterion`). Chosen rows are never picked again; ties go to the lowest position.
     """
-    if emb.dim() != 2:
-        raise ValueError(f"kcenter_order expects embeddings [n, D], got shape {tuple(emb.shape)}")
-    n = emb.shape[0]
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot pick {k} of {n} rows")
-    order = torch.empty(k, dtype=torch.long, device=emb.device)
-    if k == 0:
-        return order
-    e = emb.to(torch.float64)
-    sq = e.pow(2).sum(dim=1)
-    first = torch.argmin(_sq_dist_to(e, sq, e.mean(dim=0)))
-    order[0] = first
-    min_d = _sq_dist_to(e, sq, e[first])
-    min_d[first] = -1.0  # chosen: below any distance
-    for t in range(1, k):
-        i = torch.argmax(min_d)  # first maximum: lowest position on ties
-        order[t] = i
-        min_d = torch.minimum(min_d, _sq_dist_to(e, sq, e[i]))
-        min_d[i] = -1.0
-    return order
+    return greedy.greedy_order(emb, k, KCenterCriterion, name="kcenter_order")
 
 
 kcenter_select = SELECTORS.register(
     "k-center",
-    embedding_selector(kcenter_order, "K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
+    embedding_selector(KCenterCriterion, "k-center",
+                       "K-center greedy on the embeddings of ``model`` (random init unless ``pretrain_epochs > 0``)."),
     help="per class, k-center greedy on ConvNet embeddings (Sener & Savarese 2018)",
 )
 
 
-__all__ = ["kcenter_order", "kcenter_select"]
+__all__ = ["KCenterCriterion", "kcenter_order", "kcenter_select"]

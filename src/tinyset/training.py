@@ -1,0 +1,385 @@
+"""THE network-training loop of tinyset: SGD on a (synthetic or real) set, several networks at once.
+
+Everything in tinyset that trains a network's weights on a fixed set of images goes through
+:func:`train_ensemble`: the evaluator (fresh networks on a synthetic set), the embedding
+pretraining and the forgetting statistics of the coreset selectors, and the inner network updates of
+the distillation methods (DC/DSA). One optimiser step is :func:`sgd_step`; networks are tested with
+:func:`test_accuracy`.
+
+The M networks of one architecture live in one ``members=M`` module (see
+:mod:`tinyset.models.layers`): each step every member draws its own mini-batch (its own shuffle)
+and its own augmentation, the loss is the sum of the members' mean losses, and one SGD step updates
+all of them. Gradients, weight decay and momentum are per parameter, so this is mathematically the
+same as training the M networks one after another, only faster.
+
+Hooks (all optional) let callers observe training without copying the loop:
+
+* ``on_epoch(epoch, mean_loss, train_acc)`` after every epoch;
+* ``on_step(epoch, batches_done, batches_per_epoch)`` after every optimiser step (progress bars);
+* ``on_batch(epoch, indices, losses, logits)`` after every step, with the sample indices of the
+  batch (into ``images``), the per-sample cross-entropy and the logits, all member-major (member 0's
+  ``B`` samples, then member 1's, ...). The forgetting selector reads per-sample correctness from it.
+
+``torch.compile`` (``TrainSettings.compile``): each network gets its own compiled callable per mode
+(``"train"``: the forward pass of a training step; ``"test"``: the no-grad forward of a test pass),
+each wrapping a code object of its own. torch's compiler keeps its cache, and its recompile limit
+(8), per code object; compiling ``model`` itself would pile the graphs of every architecture, both
+grad modes and every batch shape onto ``TinyNet.forward`` and silently fall back to eager once the
+limit is hit. Compiler logging and warnings are silenced during our compiled calls; when compiling
+fails (or the compiler gives up on a frame), the network quietly runs in eager mode and
+:func:`compile_status` reports ``False`` for that mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import types
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from tinyset.augment import DSA
+from tinyset.errors import ConfigError, NumericalError
+from tinyset.models.base import TinyNet
+from tinyset.runtime import autocast
+
+#: ``on_epoch(epoch, mean_loss, train_acc)``
+EpochHook = Callable[[int, float, float], None]
+#: ``on_step(epoch, batches_done, batches_per_epoch)``
+StepHook = Callable[[int, int, int], None]
+#: ``on_batch(epoch, indices [M*B] int64 CPU, losses [M*B] float32, logits [M*B, K] float32)``
+BatchHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+#: torch.compile backend of :func:`model_forward` (tests switch to ``"eager"`` for speed)
+COMPILE_BACKEND = "inductor"
+#: silence torch's compiler logging and warnings during compiled calls
+QUIET_COMPILER = True
+
+
+# ---------------------------------------------------------------- validation
+
+def check_number(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> int | float:
+    """Check one numeric setting; returns it (integral floats as ``int`` when ``integer``).
+
+    Raises :class:`~tinyset.errors.ConfigError` ``"{owner} {name} must be {what}, got {value!r}"``
+    for non-numbers, booleans, nan/inf, non-integers (``integer=True``) and values outside
+    ``[low, high]`` (``low_open``/``high_open`` exclude the bound).
+    """
+    if integer:
+        what = "an integer"
+    else:
+        what = "a finite number"
+    if low is not None and high is not None:
+        what += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        what += f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        what += f" {'<' if high_open else '<='} {high:g}"
+    bad = ConfigError(f"{owner} {name} must be {what}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    if not math.isfinite(value):
+        raise bad
+    if integer:
+        if value != int(value):
+            raise bad
+        value = int(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise bad
+    if high is not None and (value > high or (high_open and value == high)):
+        raise bad
+    return value
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass
+class TrainSettings:
+    """How :func:`train_ensemble` trains: plain SGD, with an optional one-time lr decay.
+
+    The decay: from epoch ``decay_epoch`` (or ``int(epochs * lr_decay_at)`` when ``decay_epoch`` is
+    None) on, the lr is ``lr * lr_decay_factor``, with a new optimiser (momentum restarts, as in the
+    DC/DSA/DM reference). ``lr_decay_factor=1.0`` means **no decay**: one optimiser for the whole
+    run (what the distillation methods' inner loops use). A decay at epoch 0 never happens.
+    ``precision`` must be resolved already (``fp32`` or ``bf16``, see
+    :func:`tinyset.runtime.resolve_precision`).
+    """
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    lr_decay_at: float = 0.5  # fraction of the epochs after which lr is multiplied by lr_decay_factor
+    decay_epoch: int | None = None  # first epoch at the decayed lr; overrides lr_decay_at when given
+    lr_decay_factor: float = 0.1  # 1.0: no decay at all
+    precision: str = "fp32"  # fp32 | bf16 (autocast for the forward pass)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        own = "TrainSettings"
+        self.epochs = check_number(own, "epochs", self.epochs, low=0, integer=True)
+        self.lr = check_number(own, "lr", self.lr, low=0, low_open=True)
+        self.momentum = check_number(own, "momentum", self.momentum, low=0, high=1, high_open=True)
+        self.weight_decay = check_number(own, "weight_decay", self.weight_decay, low=0)
+        self.batch_size = check_number(own, "batch_size", self.batch_size, low=1, integer=True)
+        self.lr_decay_at = check_number(own, "lr_decay_at", self.lr_decay_at, low=0, high=1)
+        if self.decay_epoch is not None:
+            self.decay_epoch = check_number(own, "decay_epoch", self.decay_epoch, low=0, integer=True)
+        self.lr_decay_factor = check_number(own, "lr_decay_factor", self.lr_decay_factor, low=0, high=1)
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{own} precision must be 'fp32' or 'bf16' (resolve 'auto' with "
+                              f"tinyset.runtime.resolve_precision first), got {self.precision!r}")
+
+    @property
+    def first_decayed_epoch(self) -> int | None:
+        """Index of the first epoch at the decayed lr, or None when the lr never changes."""
+        if self.lr_decay_factor == 1.0:
+            return None
+        ep = self.decay_epoch if self.decay_epoch is not None else int(self.epochs * self.lr_decay_at)
+        return ep if 0 < ep < self.epochs else None
+
+
+# ---------------------------------------------------------------- compiled forward passes
+
+#: torch's compiler loggers inherit their level from "torch" (unless TORCH_LOGS asks for more, which
+#: is then honoured); raising it for the duration of a call silences them at the cost of one setLevel
+_COMPILER_LOGGERS = ("torch",)
+
+
+@contextlib.contextmanager
+def quiet_compiler() -> Iterator[None]:
+    """Hide torch's compiler logging and warnings (no-op when :data:`QUIET_COMPILER` is False)."""
+    if not QUIET_COMPILER:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in _COMPILER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _failed_frames() -> int:
+    """Frames torch's compiler gave up on so far (they ran in eager mode), when it counts them."""
+    try:
+        from torch._dynamo.utils import counters
+
+        frames = counters["frames"]
+        return int(frames["total"]) - int(frames["ok"])
+    except Exception:  # pragma: no cover - torch without these counters
+        return 0
+
+
+def _call_model(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+class CompiledForward:
+    """One network's forward pass for one mode (``"train"`` or ``"test"``), compiled once.
+
+    The compiled function is a copy of :func:`_call_model` with a code object of its own (named
+    ``tinyset_<mode>_<architecture>``), so its compiler cache holds only this network's graphs for
+    this mode: one per input shape (a full and a short last batch), never near the recompile limit.
+    It holds no reference to the network (called as ``forward(model, x)``). :attr:`compiled` turns
+    False for good, and calls run eagerly, when compiling raises or the compiler skips the frame
+    (:attr:`error` says why).
+    """
+
+    def __init__(self, name: str, mode: str):
+        self.mode = mode
+        self.compiled = True
+        self.error: str | None = None
+        tag = "".join(ch if ch.isalnum() else "_" for ch in f"tinyset_{mode}_{name}")
+        code = _call_model.__code__.replace(co_name=tag, co_qualname=tag) if hasattr(
+            _call_model.__code__, "co_qualname") else _call_model.__code__.replace(co_name=tag)
+        fn = types.FunctionType(code, _call_model.__globals__, tag)
+        try:
+            with quiet_compiler():
+                self._fn = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+        except Exception as exc:  # platform without a working compiler
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException | str) -> None:
+        self.compiled = False
+        self.error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self._fn = None
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return model(x)
+        with quiet_compiler():
+            failed = _failed_frames()
+            try:
+                out = self._fn(model, x)
+            except Exception as exc:  # compile failures surface at the first call
+                self._fail(exc)
+                return model(x)
+            if _failed_frames() > failed:  # the compiler ran this call eagerly (e.g. gave up)
+                self._fail("torch.compile skipped the forward pass; running in eager mode")
+        return out
+
+
+_FORWARDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, CompiledForward]]" = weakref.WeakKeyDictionary()
+
+
+def model_forward(model: TinyNet, mode: str, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward pass for ``mode`` (``"train"`` or ``"test"``): ``model`` itself, or
+    its :class:`CompiledForward` for that mode (created on first use, then reused) when ``compile``."""
+    if mode not in ("train", "test"):
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+    if not compile:
+        return model
+    per_mode = _FORWARDS.setdefault(model, {})
+    if mode not in per_mode:
+        per_mode[mode] = CompiledForward(getattr(model, "name", type(model).__name__), mode)
+    return functools.partial(per_mode[mode], model)
+
+
+def compile_status(model: torch.nn.Module) -> dict[str, bool]:
+    """``{mode: still compiled}`` for every mode ``model`` was run compiled in (empty if none)."""
+    return {mode: f.compiled for mode, f in _FORWARDS.get(model, {}).items()}
+
+
+def compile_errors(model: torch.nn.Module) -> dict[str, str]:
+    """``{mode: reason}`` for every mode in which compiling ``model`` failed."""
+    return {mode: f.error for mode, f in _FORWARDS.get(model, {}).items() if f.error}
+
+
+# ---------------------------------------------------------------- the loop
+
+def make_sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """The SGD optimiser of the loop over all of ``model``'s parameters."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per row (``reduction="none"``) for hard (int ``[N]``) or soft (``[N, K]``) targets."""
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
+                   generator: torch.Generator, augment: DSA | None = None,
+                   on_epoch: EpochHook | None = None, on_step: StepHook | None = None,
+                   on_batch: BatchHook | None = None) -> TinyNet:
+    """Train every member of ``model`` on ``(images, labels)`` with SGD; returns the model.
+
+    ``images`` are normalised float ``[S, C, H, W]``; ``labels`` are int64 class indices ``[S]`` or
+    soft labels ``[S, K]`` (probability rows). The model is put in train mode. Every epoch each
+    member draws a shuffle (``torch.argsort(torch.rand(M, S, generator=generator))``), then for every
+    batch: gather, augment (``augment(x, generator, op_groups=member ids)``), forward, per-sample
+    cross-entropy, loss = the members' mean losses summed, :func:`sgd_step`. See the module
+    docstring for the hooks. Raises :class:`~tinyset.errors.NumericalError` when the loss becomes
+    nan or inf.
+    """
+    device = images.device
+    m = model.members
+    s = images.shape[0]
+    if s == 0:
+        raise ConfigError("train_ensemble: the training set is empty")
+    if labels.shape[0] != s:
+        raise ConfigError(f"train_ensemble: {s} images but {labels.shape[0]} labels")
+    c, h, w = images.shape[1:]
+    soft = labels.dim() == 2
+    bs = min(settings.batch_size, s)
+    decay_epoch = settings.first_decayed_epoch
+    forward = model_forward(model, "train", settings.compile)
+    member_of = torch.arange(m).repeat_interleave(bs)
+    n_batches = -(-s // bs)
+    model.train()
+
+    opt = make_sgd(model, settings.lr, settings.momentum, settings.weight_decay)
+    for ep in range(settings.epochs):
+        if ep == decay_epoch:
+            # a new optimiser at the decay, as the reference does (momentum restarts)
+            opt = make_sgd(model, settings.lr * settings.lr_decay_factor, settings.momentum,
+                           settings.weight_decay)
+        perms = torch.argsort(torch.rand(m, s, generator=generator), dim=1)
+        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        for b0 in range(0, s, bs):
+            idx = perms[:, b0:b0 + bs]  # [M, B]
+            b = idx.shape[1]
+            flat = idx.reshape(-1).to(device)
+            x = images.index_select(0, flat)  # [M*B, C, H, W], member-major
+            y = labels.index_select(0, flat)
+            if augment:
+                groups = member_of if b == bs else torch.arange(m).repeat_interleave(b)
+                x = augment(x, generator, op_groups=groups)
+            x = x.view(m, b, c, h, w).transpose(0, 1).reshape(b, m * c, h, w)
+            with autocast(device, settings.precision):
+                out = forward(x)
+            out = out.float().reshape(b, m, -1).transpose(0, 1).reshape(m * b, -1)  # member-major
+            losses = per_sample_loss(out, y)
+            loss = losses.mean() * m
+            sgd_step(opt, loss)
+            with torch.no_grad():
+                value = float(loss) / m
+                if not math.isfinite(value):
+                    raise NumericalError(f"training loss became {value} at epoch {ep}, step {b0 // bs + 1}")
+                tot_loss += value * b
+                hard = y.argmax(1) if soft else y
+                tot_correct += int((out.argmax(1) == hard).sum()) // max(m, 1)
+                tot_n += b
+            if on_batch is not None:
+                on_batch(ep, idx.reshape(-1), losses.detach(), out.detach())
+            if on_step is not None:
+                on_step(ep, b0 // bs + 1, n_batches)
+        if on_epoch is not None:
+            on_epoch(ep, tot_loss / tot_n, tot_correct / tot_n)
+    return model
+
+
+@torch.no_grad()
+def test_accuracy(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
+                  batch_size: int = 1000, compile: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Accuracy of every member on ``(images, labels)`` (normalised float images, int labels).
+
+    Runs in eval mode without gradients, ``batch_size`` images at a time, and leaves the model in
+    train mode. ``progress(batches_done, batches_total)`` is called after every batch.
+    """
+    model.eval()
+    m = model.members
+    n = images.shape[0]
+    forward = model_forward(model, "test", compile)
+    correct = torch.zeros(m, dtype=torch.long)
+    total = -(-n // batch_size)
+    for k, b0 in enumerate(range(0, n, batch_size)):
+        x = images[b0:b0 + batch_size]
+        y = labels[b0:b0 + batch_size]
+        with autocast(images.device, precision):
+            out = forward(x)
+        out = out.reshape(x.shape[0], m, -1)
+        correct += (out.argmax(-1) == y.view(-1, 1)).sum(0).cpu()
+        if progress is not None:
+            progress(k + 1, total)
+    model.train()
+    return (correct.double() / n).tolist()
+
+
+# not a pytest test, although its name starts with "test"
+test_accuracy.__test__ = False  # type: ignore[attr-defined]
+
+__all__ = ["TrainSettings", "train_ensemble", "test_accuracy", "sgd_step", "make_sgd", "per_sample_loss",
+           "model_forward", "CompiledForward", "compile_status", "compile_errors", "quiet_compiler",
+           "check_number", "COMPILE_BACKEND", "QUIET_COMPILER"]

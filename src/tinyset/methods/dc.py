@@ -24,6 +24,7 @@ from tinyset.models import create_model
 from tinyset.models.layers import Conv2d, Linear
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast
+from tinyset.training import TrainSettings, train_ensemble
 
 #: the published (outer_loop, inner_loop) per ipc (reference ``get_loops``)
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -154,7 +155,6 @@ class GradientMatching(Distiller):
         net.train()
         layerwise = self.distance is distance_layerwise
         params = _weight_rows(net) if layerwise else list(net.parameters())
-        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         total = 0.0
         for ol in range(self.outer_loop):
             self._set_bn_stats(net, gen)
@@ -178,29 +178,16 @@ class GradientMatching(Distiller):
             total += loss.item()
             if ol == self.outer_loop - 1:
                 break
-            self._train_net(net, net_opt, images.detach(), gen)
+            self._train_net(net, images.detach(), gen)
         return total / (k * self.outer_loop)
 
-    def _train_net(self, net: nn.Module, net_opt: torch.optim.Optimizer, images: torch.Tensor,
-                   gen: torch.Generator) -> None:
-        """``inner_loop`` epochs of SGD on the synthetic set (DSA per image for DSA)."""
-        k, ipc = self.info.num_classes, self.ipc
-        labels = torch.arange(k, device=self.device).repeat_interleave(ipc)
-        bs = self.cfg.batch_train
-        n = images.shape[0]
-        for _ in range(self.inner_loop):
-            perm = torch.randperm(n, generator=gen).to(self.device)
-            for b0 in range(0, n, bs):
-                idx = perm[b0:b0 + bs]
-                x = images[idx]
-                if self.augment:
-                    x = self.augment(x, gen)
-                with autocast(self.device, self.precision):
-                    out = net(x)
-                loss = F.cross_entropy(out.float(), labels[idx])
-                net_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                net_opt.step()
+    def _train_net(self, net: nn.Module, images: torch.Tensor, gen: torch.Generator) -> None:
+        """``inner_loop`` epochs of plain SGD (``lr_net``, no momentum) on the synthetic set, through the
+        shared training loop (DSA on every batch for DSA, as the reference's inner ``epoch('train')``)."""
+        labels = self.hard_labels().to(self.device)
+        settings = TrainSettings(epochs=self.inner_loop, lr=self.cfg.lr_net, momentum=0.0, weight_decay=0.0,
+                                 batch_size=self.cfg.batch_train, lr_decay_factor=1.0, precision=self.precision)
+        train_ensemble(net, images, labels, settings, gen, self.augment)
 
 
 @METHODS.register("dsa", help="gradient matching with siamese augmentation (Zhao & Bilen 2021)")

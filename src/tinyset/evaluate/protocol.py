@@ -22,8 +22,8 @@ class Protocol:
     lr_decay_at: float = 0.5
     lr_decay_factor: float = 0.1
     #: "fraction": ``epochs`` passes, lr decayed after ``lr_decay_at * epochs`` of them.
-    #: "reference": the DC/DSA/DM ``evaluate_synset`` loop, ``for ep in range(epochs + 1)`` with the
-    #: decay after epoch ``epochs // 2 + 1``: epochs + 1 passes, the first epochs // 2 + 2 at full lr.
+    #: "reference": upstream's schedule (the DC/DSA/DM ``evaluate_synset`` loop): epochs+1 passes over the
+    #: data, lr x0.1 from pass epochs//2+3 on (counting passes from 1), i.e. the first epochs//2+2 at full lr.
     schedule: str = "fraction"
     augment: str = "dsa"  # dsa | none
     dsa_strategy: str | None = None  # None: the dataset's default (no flips for digits)

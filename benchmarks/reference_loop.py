@@ -2,8 +2,11 @@
 
 Written for tinyset (not copied): a plain ``torch.nn`` ConvNet with the reference architecture,
 trained one model after another with a per-model SGD loop in fp32, shuffled mini-batches and DSA
-per batch (one op per batch, per-image parameters), test accuracy after the last epoch; and the
-reference DM iteration (one forward pass per class for real and synthetic images, fp32).
+per batch (one op per batch, per-image parameters), test accuracy after the last epoch; the
+reference DM iteration (one forward pass per class for real and synthetic images, fp32); and a
+reference-style DataDAM iteration (feature maps collected by forward hooks on the ReLUs, fp32,
+no compilation; one forward per class, or upstream's one forward for all real images and one for
+all synthetic images).
 """
 from __future__ import annotations
 
@@ -92,6 +95,75 @@ def reference_dm_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA 
         out_real = net.embed(real).detach()
         out_syn = net.embed(syn)
         loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item() / k
+
+
+def _hooked_relus(net: nn.Module, store: list) -> list:
+    """Forward hooks on every ReLU of ``net.features`` that append a copy of its output to ``store``
+    (upstream copies because its ReLUs are in place)."""
+    relus = [m for m in net.features if isinstance(m, nn.ReLU)]
+    return [m.register_forward_hook(lambda mod, inp, out: store.append(out.clone())) for m in relus]
+
+
+def _reference_attention(f: torch.Tensor, power: float) -> torch.Tensor:
+    a = (f.abs() ** power).sum(1)
+    return F.normalize(a.reshape(f.shape[0], -1), p=2.0, dim=1)
+
+
+def reference_datadam_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA | None, g, seed,
+                                power: float = 4.0, task_balance: float = 0.01, loss_scale: float = 100.0,
+                                per_class: bool = True) -> float:
+    """A reference-style DataDAM step: a fresh frozen net, ReLU outputs collected by forward hooks,
+    attention maps of every hooked layer but the last, plus the final-embedding term, fp32.
+
+    ``per_class=True``: one forward per class for the real and for the synthetic images.
+    ``per_class=False``: upstream's layout, one forward for all real images, one for all synthetic
+    images (per-class means taken afterwards). DSA is drawn per class (siamese) in both.
+    """
+    k = pool.info.num_classes
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = reference_convnet(pool.info.channels, k, pool.info.image_size[0])
+    for p in net.parameters():
+        p.requires_grad_(False)
+    reals, syns = [], []
+    for c in range(k):
+        real = pool.sample_class(c, batch_real, g)
+        syn = images_syn[c * ipc:(c + 1) * ipc]
+        if augment:
+            n = real.shape[0]
+            grp = torch.zeros(n + ipc, dtype=torch.long)
+            prm = augment.sample(n + ipc, pool.info.image_size, g, op_groups=grp, param_groups=grp)
+            real = augment.apply(real, prm.rows(0, n))
+            syn = augment.apply(syn, prm.rows(n, n + ipc))
+        reals.append(real)
+        syns.append(syn)
+    groups = [(r, s) for r, s in zip(reals, syns)] if per_class else [(torch.cat(reals), torch.cat(syns))]
+    store: list = []
+    hooks = _hooked_relus(net, store)
+    loss = torch.zeros(())
+    try:
+        for real, syn in groups:
+            kk = 1 if per_class else k
+            store.clear()
+            emb_real = net.embed(real).detach()
+            acts_real = [a.detach() for a in store]
+            store.clear()
+            emb_syn = net.embed(syn)
+            acts_syn = list(store)
+            for fr, fs in zip(acts_real[:-1], acts_syn[:-1]):
+                ar = _reference_attention(fr, power).reshape(kk, -1, fr.shape[2] * fr.shape[3]).mean(1)
+                as_ = _reference_attention(fs, power).reshape(kk, -1, fs.shape[2] * fs.shape[3]).mean(1)
+                loss = loss + loss_scale * ((ar - as_) ** 2).sum()
+            er = emb_real.reshape(kk, -1, emb_real.shape[1]).mean(1)
+            es = emb_syn.reshape(kk, -1, emb_syn.shape[1]).mean(1)
+            loss = loss + loss_scale * task_balance * ((er - es) ** 2).sum()
+    finally:
+        for h in hooks:
+            h.remove()
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -6,6 +6,7 @@ Single-channel 28x28 images are treated as 32x32 by padding the first convolutio
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from tinyset.errors import ConfigError
@@ -40,3 +41,21 @@ class ConvNet(TinyNet):
         self.features = nn.Sequential(*layers)
         self.feature_dim = width * h * w
         self.classifier = Linear(self.feature_dim, num_classes, members)
+
+    def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's activation output (before its pooling), then the embedding, in one pass.
+
+        Returns ``depth + 1`` tensors: ``[N, M*width, H_d, W_d]`` for blocks ``d = 1..depth`` and,
+        last, the flattened features (equal to ``embed(x)``). Methods that match intermediate
+        feature maps (DataDAM) use this instead of forward hooks.
+        """
+        per_block = 3 if self.config["pooling"] == "none" else 4  # conv, norm, activation[, pool]
+        last = per_block * self.config["depth"]
+        outs: list[torch.Tensor] = []
+        h = self._expand(x)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i < last and i % per_block == 2:
+                outs.append(h)
+        outs.append(h)
+        return outs

@@ -57,8 +57,8 @@ def _check_target_dir(out_dir: Path, overwrite: bool) -> None:
         if not out_dir.is_dir():
             raise ConfigError(f"export target {out_dir} exists and is not a directory")
         if any(out_dir.iterdir()) and not overwrite:
-            raise ConfigError(f"export target {out_dir} exists and is not empty "
-                              f"(on the command line --force replaces it; in Python overwrite=True)")
+            raise ConfigError(f"export target {out_dir} exists and is not empty; choose a new folder, or "
+                              f"replace it with --force (the overwrite argument in Python)")
 
 
 def export_imagefolder(synset: SyntheticSet, out_dir: str | os.PathLike,
@@ -133,7 +133,8 @@ def export_npz(synset: SyntheticSet, out_path: str | os.PathLike, overwrite: boo
     """
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
-        raise ConfigError(f"export target {out_path} already exists (on the command line --force replaces it; in Python overwrite=True)")
+        raise ConfigError(f"export target {out_path} already exists; choose another path, or replace it with "
+                          f"--force (the overwrite argument in Python)")
     if out_path.is_dir():
         raise ConfigError(f"export target {out_path} is a directory")
     arrays: dict[str, np.ndarray] = {

@@ -219,8 +219,15 @@ def check_output_file(path: str | os.PathLike, *, force: bool = False, flag: str
 
     Refuses (with :class:`OutputError`) an existing folder, an existing file unless ``force`` (and
     then also a read-only or non-regular one), a missing parent folder, a parent that is not a
-    folder, and a parent where files cannot be created. Returns the resolved path.
+    folder, a parent where files cannot be created, an empty path and a path ending in a separator
+    (which names a folder). Returns the resolved path.
     """
+    text = str(os.fspath(path))
+    if not text.strip():
+        raise OutputError(f"{flag} '': empty path; expected the path of a file to write")
+    if text.endswith(("/", os.sep)):
+        raise OutputError(f"{flag} {text}: ends with a path separator, so it names a folder; expected "
+                          f"the path of a file to write")
     raw = Path(path).expanduser()
     resolved = raw.resolve()
     if resolved.is_dir():
@@ -253,8 +260,10 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
 
     An existing file is refused; a missing folder is fine (it will be created) provided its
     nearest existing ancestor is a writable folder; with ``must_be_empty`` an existing non-empty
-    folder is refused. Returns the resolved path.
+    folder is refused, and so is an empty path. Returns the resolved path.
     """
+    if not str(os.fspath(path)).strip():
+        raise OutputError(f"{flag} '': empty path; expected a folder for the outputs")
     raw = Path(path).expanduser()
     resolved = raw.resolve()
     if resolved.exists():

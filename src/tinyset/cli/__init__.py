@@ -11,6 +11,7 @@ import argparse
 import importlib
 import signal
 import sys
+import threading
 from typing import Sequence
 
 from tinyset import __version__
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dataset distillation and coreset selection: learn or pick a few images per class, "
                     "then evaluate them by training fresh networks on them.")
     parser.add_argument("--version", action="version", version=f"tinyset {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # not required=True: argparse would then report a missing command before an unknown option, and
+    # `tinyset --frobnicate` would not name --frobnicate; main() reports a missing command itself
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _ORDER:
         mod = importlib.import_module(COMMANDS.get(name))
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
@@ -48,10 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM outside a distillation loop (which installs its own handler): stop like Ctrl-C."""
+    raise Interrupted(signum, f"stopped by SIGTERM (signal {signum})")
+
+
+def _install_sigterm() -> object:
+    """Route SIGTERM to :func:`_on_sigterm` (main thread only); returns the previous handler or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # pragma: no cover - no signals here
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    old_sigterm = _install_sigterm()
+    prog = "tinyset"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.error("the following arguments are required: COMMAND (see `tinyset --help`)")
+        prog = f"tinyset {args.command}"
         if hasattr(args, "device"):
             from tinyset.runtime import resolve_runtime, tune_allocator
 
@@ -59,14 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tune_allocator()
         return int(args.fn(args) or 0)
     except TinysetError as exc:
-        print(f"tinyset {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"tinyset {args.command}: {exc.message or 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {exc.message or 'interrupted'}", file=sys.stderr)
         return 128 + int(exc.signum)
     except KeyboardInterrupt:
-        print(f"tinyset {args.command}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
+        print(f"{prog}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
         return 128 + int(signal.SIGINT)
+    finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from tinyset.errors import ConfigError
+
+#: the largest finite float32: training runs in float32, so a larger setting overflows inside torch
+FLOAT32_MAX = 3.4028234663852886e38
+#: the largest integer a numeric flag accepts (torch holds counts and sizes as int64)
+INT64_MAX = 2**63 - 1
+#: the most --threads accepted (torch's own limit is far larger, but overflows past 2**63)
+MAX_THREADS = 1024
 
 THREADS_HELP = ("torch threads (default: $TINYSET_THREADS, else the CPUs this process may use, from its "
                 "affinity and cgroup quota); on a shared machine give each run its share, e.g. --threads 1")
@@ -21,12 +29,102 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: cuda when available (default)")
-    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--threads", type=number(int, low=1, high=MAX_THREADS), default=None, help=THREADS_HELP)
     if precision:
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="autocast precision: auto = bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), "
                             "fp32 on CUDA and on other CPUs")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+
+
+def number(kind: type = float, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse ``type`` for a numeric flag: parses ``kind`` (int or float) and refuses NaN,
+    infinity, floats beyond the float32 range, integers beyond int64 and values outside ``[low, high]`` (``low_open`` /
+    ``high_open`` exclude a bound), so a bad number is a usage error naming the flag and the value
+    before any work starts."""
+    if kind is int:
+        what = "an integer"
+    else:
+        what = "a finite number"
+    if low is not None and high is not None:
+        what += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        what += f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        what += f" {'<' if high_open else '<='} {high:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}") from None
+        if kind is int and abs(value) > INT64_MAX:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} that fits in 64 bits "
+                                             f"(at most {INT64_MAX})")
+        if kind is not int:
+            if math.isnan(value) or (math.isinf(value) and "inf" in text.lower()):
+                raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}; NaN and infinity "
+                                                 f"are never allowed")
+            if not abs(value) <= FLOAT32_MAX:  # also a number too large even for float64 (parsed as inf)
+                raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} within the float32 "
+                                                 f"range (at most {FLOAT32_MAX:.3g}) that training uses")
+        if ((low is not None and (value < low or (low_open and value == low)))
+                or (high is not None and (value > high or (high_open and value == high)))):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def data_root(args: argparse.Namespace) -> Path | None:
+    """``--data-root`` checked: None (the default root), else an existing-or-missing folder path;
+    an empty path or a path to a file is refused."""
+    from tinyset.errors import ConfigError
+
+    root = getattr(args, "data_root", None)
+    if root is None:
+        return None
+    if not str(root).strip():
+        raise ConfigError("--data-root '': empty path; expected the folder that holds the datasets "
+                          "(or leave the flag out to use $TINYSET_DATA or ./data)")
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--data-root {root}: is a file, not a folder; expected the folder that holds "
+                          f"the datasets")
+    return path
+
+
+def load_synset(path: str) -> Any:
+    """:meth:`SyntheticSet.load` of a positional FILE argument, refusing an empty path and a file
+    this process may not read with a message that says so (rather than "not a valid file")."""
+    from tinyset.errors import ArtifactError
+    from tinyset.synset import SyntheticSet
+
+    if not str(path).strip():
+        raise ArtifactError("'': empty path; expected a .safetensors synthetic-set file")
+    p = Path(path)
+    if p.is_file():
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise ArtifactError(f"{path}: cannot be read ({exc.strerror or exc}); expected a readable "
+                                f".safetensors synthetic-set file") from None
+    return SyntheticSet.load(p)
+
+
+def check_distinct(flag: str, path: str | None, other_flag: str, other: str | Path | None) -> None:
+    """Refuse an output path that names the same file as another path of the command (an input, or
+    another output): writing it would destroy that file, even with --force."""
+    from tinyset.errors import OutputError
+
+    if path is None or other is None or not str(path).strip() or not str(other).strip():
+        return
+    a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    if a == b:
+        raise OutputError(f"{flag} {path}: is the same file as {other_flag} {other}; choose another path")
 
 
 def add_force(p: argparse.ArgumentParser, what: str = "output") -> None:
@@ -36,7 +134,7 @@ def add_force(p: argparse.ArgumentParser, what: str = "output") -> None:
 def load_split(args: argparse.Namespace, dataset: str, split: str):
     from tinyset.data import load_dataset
 
-    return load_dataset(dataset, split, root=args.data_root, download=args.download)
+    return load_dataset(dataset, split, root=data_root(args), download=args.download)
 
 
 def parse_models(text: str) -> list[str]:
@@ -58,14 +156,14 @@ def check_json_out(args: argparse.Namespace) -> None:
     """A ``--json`` path is checked before work starts (an evaluation must not die at its end)."""
     from tinyset.files import check_output_file
 
-    if getattr(args, "json_out", None):
+    if getattr(args, "json_out", None) is not None:
         check_output_file(args.json_out, force=args.force, flag="--json")
 
 
 def write_result_json(args: argparse.Namespace, result: Any) -> None:
     from tinyset.files import write_json
 
-    if getattr(args, "json_out", None):
+    if getattr(args, "json_out", None) is not None:
         write_json(args.json_out, result.to_dict())
         print(f"results written to {args.json_out}")
 
@@ -115,6 +213,6 @@ def default_run_name(*parts: Any) -> str:
     return "_".join(str(p).replace(":", "_").replace("/", "_") for p in parts)
 
 
-__all__ = ["add_data_options", "add_runtime_options", "add_force", "load_split", "parse_models",
-           "check_json_out", "write_result_json", "print_evaluation", "evaluation_bar", "positive",
-           "default_run_name", "Path"]
+__all__ = ["add_data_options", "add_runtime_options", "add_force", "number", "data_root", "load_split",
+           "load_synset", "check_distinct", "parse_models", "check_json_out", "write_result_json",
+           "print_evaluation", "evaluation_bar", "positive", "default_run_name", "Path"]

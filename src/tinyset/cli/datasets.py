@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tinyset.cli.common import data_root
+
 HELP = "list known datasets and whether their files are found"
 
 
@@ -14,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tinyset.data import DATASET_FAMILIES, DATASETS, default_data_root, get_spec
 
-    root = Path(args.data_root) if args.data_root else default_data_root()
+    root = data_root(args) or default_data_root()
     print(f"data root: {root.resolve()}")
     header = f"{'name':<14} {'image':<9} {'classes':>7}  status"
     print(header)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyset.cli.common import add_data_options, add_runtime_options, default_run_name, load_split, positive
+from tinyset.cli.common import add_data_options, add_runtime_options, default_run_name, load_split, number, positive
 
 HELP = "learn a synthetic set with a distillation method (see `tinyset methods`)"
 
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", required=True, choices=METHODS.names())
     p.add_argument("--dataset", required=True, help="dataset name or imagefolder:PATH")
-    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p.add_argument("--ipc", type=number(int, low=1), required=True, help="synthetic images per class")
     p.add_argument("--preset", default="cpu", choices=("paper", "cpu"),
                    help="paper: the published settings; cpu (default): the same with the method's cpu rule "
                         "applied (fewer iterations; `tinyset methods NAME` shows it)")
@@ -23,14 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="your own settings, key = value lines (see `tinyset methods NAME` for the keys)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="one setting (repeatable), e.g. --set lr_img=0.5; wins over --config and the preset")
-    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: preset's)")
+    p.add_argument("--iterations", type=number(int, low=1), default=None, help="outer iterations (default: preset's)")
     p.add_argument("--init", choices=("real", "noise"), default=None, help="initial images (default: preset's)")
     p.add_argument("--model", default=None, help="network used for matching (default: preset's, convnet)")
-    p.add_argument("--lr-img", type=float, default=None, help="learning rate of the images (default: preset's)")
-    p.add_argument("--batch-real", type=int, default=None, help="real images per class per iteration")
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--lr-img", type=number(float, low=0, low_open=True), default=None,
+                   help="learning rate of the images (default: preset's)")
+    p.add_argument("--batch-real", type=number(int, low=1), default=None, help="real images per class per iteration")
+    p.add_argument("--eval-every", type=number(int, low=0), default=0,
                    help="evaluate on a held-out validation split every N iterations (0: never)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N iterations (default: 50)")
+    p.add_argument("--checkpoint-every", type=number(int, low=1), default=50,
+                   help="checkpoint every N iterations (default: 50)")
     p.add_argument("--out", default=None, help="run folder (default: runs/METHOD_DATASET_ipcK_seedS)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (bit-exact on CPU; CUDA kernels are "
@@ -59,12 +61,19 @@ def run(args: argparse.Namespace) -> int:
     flags = {"iterations": args.iterations, "init": args.init, "model": args.model, "lr_img": args.lr_img,
              "batch_real": args.batch_real}
     sets = parse_sets(args.sets)
+    check_config_file(args.config_file)
     # every setting is checked before any data is read or any file written
     config = resolve_config(args.method, args.dataset, args.ipc, args.preset, args.config_file, sets, flags)
-    out = Path(args.out or f"runs/{default_run_name(args.method, args.dataset, f'ipc{args.ipc}', f'seed{args.seed}')}")
+    if args.out is not None and not args.out.strip():
+        raise_config("--out '': empty path; expected the run folder (or leave --out out for the default)")
+    default = f"runs/{default_run_name(args.method, args.dataset, f'ipc{args.ipc}', f'seed{args.seed}')}"
+    out = Path(args.out if args.out is not None else default)
     check_output_dir(out, flag="--out")
     if not args.resume and out.is_dir() and (out / "checkpoint.safetensors").exists():
         raise_config(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not (out / "checkpoint.safetensors").is_file():
+        raise_config(f"--resume: no checkpoint at {out / 'checkpoint.safetensors'}; expected --out to be the "
+                     f"folder of an interrupted run (drop --resume to start a new one)")
     train = load_split(args, args.dataset, "train")
     check_ipc(train, args.ipc)
     test = None if args.final_eval == "off" else load_split(args, args.dataset, "test")
@@ -95,6 +104,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"results written to {out / 'eval.json'}; the full protocol: tinyset evaluate "
               f"{out / 'synset.safetensors'}")
     return 0
+
+
+def check_config_file(path: str | None) -> None:
+    """A ``--config`` that is a folder or cannot be read is refused here with a one-line message (the
+    reader itself reports a missing file and bad TOML)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not str(path).strip():
+        raise_config("--config '': empty path; expected a TOML file of settings (key = value)")
+    if p.is_dir():
+        raise_config(f"--config {path}: is a folder; expected a TOML file of settings (key = value)")
+    if p.exists():
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise_config(f"--config {path}: cannot be read ({exc.strerror or exc}); expected a readable TOML "
+                         f"file of settings (key = value)")
 
 
 def raise_config(message: str) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_json_out, evaluation_bar,
-                                load_split, parse_models, print_evaluation, write_result_json)
+from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_distinct, check_json_out,
+                                evaluation_bar, load_split, load_synset, number, parse_models, print_evaluation,
+                                write_result_json)
 
 HELP = "train fresh networks on a synthetic-set file, report test accuracy"
 
@@ -22,12 +23,15 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
                         "quick (smoke test), fulldata (6 epochs, default of baseline), fulldata-long "
                         "(16 epochs, DSA, 3 nets)")
-    p.add_argument("--num-models", type=int, default=None, help="networks per architecture (default: protocol's)")
-    p.add_argument("--epochs", type=int, default=None, help=SCHEDULE_HELP)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: protocol's, 0.01)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 256)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (default: 5e-4)")
+    p.add_argument("--num-models", type=number(int, low=1), default=None,
+                   help="networks per architecture (default: protocol's)")
+    p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)
+    p.add_argument("--lr", type=number(float, low=0, low_open=True), default=None,
+                   help="learning rate (default: protocol's, 0.01)")
+    p.add_argument("--batch-size", type=number(int, low=1), default=None, help="training batch size (default: 256)")
+    p.add_argument("--momentum", type=number(float, low=0, high=1, high_open=True), default=None,
+                   help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=number(float, low=0), default=None, help="SGD weight decay (default: 5e-4)")
     p.add_argument("--augment", choices=("dsa", "none"), default=None, help="train-time augmentation")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the training step (auto: for long runs on CPU)")
@@ -54,12 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinyset.evaluate import evaluate_synset
-    from tinyset.synset import SyntheticSet
 
     models = parse_models(args.models)
     protocol = protocol_from(args, "dsa")
+    check_distinct("--json", args.json_out, "the input", args.file)
     check_json_out(args)
-    synset = SyntheticSet.load(args.file)
+    synset = load_synset(args.file)
     test = load_split(args, synset.info.name, "test")
     on_epoch, on_step, close = evaluation_bar(models, protocol.train_epochs)
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_json_out,
-                                default_run_name, load_split, positive, write_result_json)
+from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_distinct, check_json_out,
+                                default_run_name, load_split, number, positive,
+                                write_result_json)
+from tinyset.errors import ConfigError
 
 HELP = "pick ipc real images per class with a coreset method"
 
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", required=True, choices=SELECTORS.names())
     p.add_argument("--dataset", required=True, help="dataset name (see `tinyset datasets`) or imagefolder:PATH")
-    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--ipc", type=number(int, low=1), required=True, help="images per class")
     p.add_argument("--out", default=None,
                    help="output .safetensors file (default: runs/METHOD_DATASET_ipcK_seedS.safetensors)")
     p.add_argument("--json", dest="json_out", default=None,
@@ -26,16 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tinyset.files import check_output_file
+    from tinyset.files import check_output_dir, check_output_file
     from tinyset.select import select
 
     positive("--ipc", args.ipc)
-    out = Path(args.out or f"runs/{default_run_name(args.method, args.dataset, f'ipc{args.ipc}', f'seed{args.seed}')}"
-                           ".safetensors")
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out '': empty path; expected the .safetensors file to write (or leave --out out "
+                          "for the default)")
+    default = f"runs/{default_run_name(args.method, args.dataset, f'ipc{args.ipc}', f'seed{args.seed}')}.safetensors"
+    out = Path(args.out if args.out is not None else default)
+    if args.out is None and not out.parent.is_dir():
+        check_output_dir(out.parent, flag="--out")  # the default folder is made once every check passed
+    else:
+        check_output_file(args.out if args.out is not None else out, force=args.force, flag="--out")
+    check_distinct("--json", args.json_out, "--out", out)
+    check_json_out(args)
     if args.out is None:
         out.parent.mkdir(parents=True, exist_ok=True)
-    check_output_file(out, force=args.force, flag="--out")
-    check_json_out(args)
     rt = args.runtime
     train = load_split(args, args.dataset, "train")
     res = select(args.method, train, args.ipc, seed=args.seed, device=rt.device)

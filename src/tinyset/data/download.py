@@ -188,7 +188,7 @@ def missing_file_error(dataset: str, path: Path, url: str | None,
     names = " or ".join([path.name, *alternatives])
     msg = f"{dataset}: file {names} not found; expected it at {path.resolve()}"
     if url:
-        msg += f". Pass --download (download=True) to fetch it from {url}"
+        msg += f". Pass --download (the download argument in Python) to fetch it from {url}"
     else:
         msg += ". This dataset cannot be downloaded automatically; put the file there yourself"
     return DataError(msg)

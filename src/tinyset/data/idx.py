@@ -75,7 +75,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4:header])
     need = header + math.prod(dims)
     if len(data) != need:
-        what = "truncated" if len(data) < need else "has trailing data"
+        what = "is truncated" if len(data) < need else "has trailing data"
         raise DataError(f"{path}: header declares shape {dims}, i.e. {need} bytes, but the "
                         f"(uncompressed) file holds {len(data)} bytes; the file {what}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)

@@ -30,6 +30,8 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionB
 
 
 def _class_folders(folder: Path) -> list[Path]:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"image folder {folder} is a file, not a folder; expected a folder of class subfolders")
     if not folder.is_dir():
         raise DataError(f"image folder {folder} not found; expected a folder of class subfolders")
     classes = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name)

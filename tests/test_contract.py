@@ -222,3 +222,33 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     with pytest.raises((ArtifactError, ConfigError)):
         distill(TOY, data, 2, tmp_path / "run", preset="cpu", overrides={"iterations": 4}, seed=3,
                 precision="fp32", resume=True)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("iterations", "9" * 400, "iterations="), ("iterations", 2**60, "limited"), ("lr_img", 1e300, "float32"),
+    ("lr_img", "1e400", "NaN and infinity"), ("batch_real", 10**9, "65536"),
+])
+def test_huge_values_are_refused_not_overflowed(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(TOY, "tiny", 2, "cpu", sets={key: value})
+
+
+def test_resume_without_a_checkpoint_creates_nothing(tmp_path):
+    from tinyset.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="no checkpoint"):
+        _toy(tmp_path, "never", 2, resume=True)
+    assert not (tmp_path / "never").exists()
+
+
+def test_artifact_and_checkpoint_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        _toy(tmp_path, "run", 1)
+    finally:
+        os.umask(old)
+    for name in ("synset.safetensors", "checkpoint.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name

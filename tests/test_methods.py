@@ -61,7 +61,7 @@ def test_bad_arguments_rejected_before_work(tmp_path, bad, match):
 
 @pytest.mark.parametrize("key,value,match", [
     ("lr_img", float("nan"), "NaN"), ("lr_img", float("inf"), "NaN and infinity"), ("lr_img", 0, "> 0"),
-    ("momentum_img", 1.0, "< 1"), ("iterations", 2.5, "integer"), ("init", "zeros", "'real', 'noise'"),
+    ("momentum_img", 1.0, r"in \[0, 1\)"), ("iterations", 2.5, "integer"), ("init", "zeros", "'real', 'noise'"),
     ("model", "nosuchnet", "registered architecture"), ("nosuch", 1, "unknown setting"),
 ])
 def test_every_config_field_is_validated_with_field_value_and_range(tmp_path, key, value, match):

@@ -343,7 +343,7 @@ def test_resolve_threads_explicit_env_and_default(monkeypatch):
 
 @pytest.mark.parametrize("bad", [0, -2, True, 2.0, "2"])
 def test_bad_explicit_threads(bad):
-    with pytest.raises(ConfigError, match=r"--threads must be a positive integer; got"):
+    with pytest.raises(ConfigError, match=r"--threads must be an integer from 1 to 1024; got"):
         resolve_threads(bad)
 
 

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import stat
 import re
 import secrets
 import socket
@@ -114,9 +115,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path.parent, path.name)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as created
     try:
         yield tmp
         _fsync_path(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that recreated the file (safetensors: 0600)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -35,6 +35,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+#: the largest magnitudes a setting may have (tensors are float32; counts fit int64 with room)
+FLOAT_LIMIT = 3.4e38
+INT_LIMIT = 2**53
 #: the layers of :func:`resolve`, lowest first
 LAYERS = ("default", "paper", "cpu", "file", "flag")
 PROFILES = ("paper", "cpu")
@@ -50,6 +53,19 @@ def hp(default: Any, help: str, *, ge: float | None = None, gt: float | None = N
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
             "choices": tuple(choices) if choices is not None else None, "optional": optional}
     return field(default=default, metadata=meta)
+
+
+def describe_range(integer: bool, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False) -> str:
+    """"an integer >= 1", "a finite number in (0, 1]", ...: the one wording of a numeric range."""
+    what = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        return what + f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return what + f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return what + f" {'<' if high_open else '<='} {high:g}"
+    return what
 
 
 @dataclass(frozen=True)
@@ -69,18 +85,12 @@ class FieldSpec:
         """The allowed values in words, for messages and ``--help``."""
         if self.choices is not None:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.type in (int, float):
+            low = self.gt if self.gt is not None else self.ge
+            high = self.lt if self.lt is not None else self.le
+            text = describe_range(self.type is int, low, high, self.gt is not None, self.lt is not None)
         else:
-            parts = []
-            if self.gt is not None:
-                parts.append(f"> {self.gt:g}")
-            if self.ge is not None:
-                parts.append(f">= {self.ge:g}")
-            if self.lt is not None:
-                parts.append(f"< {self.lt:g}")
-            if self.le is not None:
-                parts.append(f"<= {self.le:g}")
-            kind = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[self.type]
-            text = kind + (" " + " and ".join(parts) if parts else "")
+            text = {str: "a string", bool: "true or false"}[self.type]
         return text + (" (or none)" if self.optional else "")
 
 
@@ -135,6 +145,8 @@ def _parse_text(spec: FieldSpec, text: str) -> Any:
             return False
         raise ValueError
     if spec.type is int:
+        if len(t) > 20:
+            raise ValueError
         return int(t)
     if spec.type is float:
         return float(t)
@@ -161,15 +173,23 @@ def check_value(spec: FieldSpec, value: Any, origin: str) -> Any:
         if not isinstance(value, bool):
             raise bad()
     elif spec.type is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
-        value = int(value)
+        if abs(value) > INT_LIMIT:
+            raise bad(f"integers are limited to {INT_LIMIT}")
     elif spec.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise bad(f"numbers are limited to {FLOAT_LIMIT:.3g} (float32)") from None
         if not math.isfinite(value):
             raise bad("NaN and infinity are never allowed")
+        if abs(value) > FLOAT_LIMIT:
+            raise bad(f"numbers are limited to {FLOAT_LIMIT:.3g} (float32)")
     elif spec.type is str and not isinstance(value, str):
         raise bad()
     if spec.choices is not None and value not in spec.choices:
@@ -221,10 +241,14 @@ class Rule:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A user's settings file: a flat TOML table of field names to values."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {p}: is a folder; expected a TOML file of settings (key = value)")
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file; expected a TOML file of settings (key = value)")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config {p}: cannot be read ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {p}: not valid TOML ({exc})") from None
     nested = [k for k, v in data.items() if isinstance(v, dict)]
@@ -309,5 +333,5 @@ def resolve(cls: type[HParams], *, dataset: str, ipc: int, profile: str = "cpu",
     return Resolved(cls(**values), sources)
 
 
-__all__ = ["hp", "HParams", "FieldSpec", "Row", "Table", "Rule", "Resolved", "resolve", "check_value",
-           "read_toml", "parse_sets", "LAYERS", "PROFILES"]
+__all__ = ["hp", "HParams", "FieldSpec", "Row", "Table", "Rule", "Resolved", "resolve", "check_value", "FLOAT_LIMIT", "INT_LIMIT",
+           "read_toml", "parse_sets", "describe_range", "LAYERS", "PROFILES"]

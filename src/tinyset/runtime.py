@@ -375,8 +375,9 @@ def resolve_threads(threads: int | None = None, environ: Mapping[str, str] | Non
     where it came from.
     """
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-            raise ConfigError(f"--threads must be a positive integer; got {threads!r}")
+        if (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
+                or threads > MAX_THREADS):
+            raise ConfigError(f"--threads must be an integer from 1 to {MAX_THREADS}; got {threads!r}")
         return int(threads)
     env = os.environ if environ is None else environ
     raw = env.get(THREADS_ENV)
@@ -385,11 +386,15 @@ def resolve_threads(threads: int | None = None, environ: Mapping[str, str] | Non
             n = int(raw.strip())
         except ValueError:
             n = 0
-        if n < 1:
-            raise ConfigError(f"environment variable {THREADS_ENV}={raw!r} must be a positive integer "
-                              f"(number of threads)")
+        if n < 1 or n > MAX_THREADS:
+            raise ConfigError(f"environment variable {THREADS_ENV}={raw!r} must be an integer from 1 to "
+                              f"{MAX_THREADS} (number of threads)")
         return n
     return cpu_count if cpu_count is not None else available_cpus()
+
+
+#: the most threads tinyset sets (the command line's --threads has the same bound)
+MAX_THREADS = 1024
 
 
 def configure_threads(threads: int | None = None) -> int:

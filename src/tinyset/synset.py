@@ -293,6 +293,8 @@ class SyntheticSet(Dataset):
                 extras = {k[len("extra."):]: f.get_tensor(k).clone() for k in sorted(keys) if k.startswith("extra.")}
         except ArtifactError:
             raise
+        except PermissionError as exc:
+            raise fail(f"cannot be read ({exc.strerror or 'permission denied'})") from None
         except Exception as exc:  # SafetensorError, OSError, ...: not a readable safetensors file
             raise fail(f"not a valid safetensors file ({type(exc).__name__}: {exc})") from None
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from tinyset.augment import DSA
 from tinyset.errors import ConfigError, NumericalError
+from tinyset.hparams import describe_range
 from tinyset.models.base import TinyNet
 from tinyset.runtime import autocast
 
@@ -72,21 +73,15 @@ def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
     for non-numbers, booleans, nan/inf, non-integers (``integer=True``) and values outside
     ``[low, high]`` (``low_open``/``high_open`` exclude the bound).
     """
-    if integer:
-        what = "an integer"
-    else:
-        what = "a finite number"
-    if low is not None and high is not None:
-        what += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        what += f" {'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        what += f" {'<' if high_open else '<='} {high:g}"
+    what = describe_range(integer, low, high, low_open, high_open)
     bad = ConfigError(f"{owner} {name} must be {what}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
-    if not math.isfinite(value):
-        raise bad
+    try:
+        if not math.isfinite(value) or abs(value) > 3.4e38:  # float32 tensors hold every setting
+            raise bad
+    except OverflowError:  # an int beyond the float range
+        raise bad from None
     if integer:
         if value != int(value):
             raise bad

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tinyset.errors import ConfigError
+from tinyset.hparams import describe_range
 
 #: the largest finite float32: training runs in float32, so a larger setting overflows inside torch
 FLOAT32_MAX = 3.4028234663852886e38
 #: the largest integer a numeric flag accepts (torch holds counts and sizes as int64)
 INT64_MAX = 2**63 - 1
 #: the most --threads accepted (torch's own limit is far larger, but overflows past 2**63)
-MAX_THREADS = 1024
+from tinyset.runtime import MAX_THREADS  # noqa: E402
 
 THREADS_HELP = ("torch threads (default: $TINYSET_THREADS, else the CPUs this process may use, from its "
                 "affinity and cgroup quota); on a shared machine give each run its share, e.g. --threads 1")
@@ -43,16 +44,7 @@ def number(kind: type = float, *, low: float | None = None, high: float | None =
     infinity, floats beyond the float32 range, integers beyond int64 and values outside ``[low, high]`` (``low_open`` /
     ``high_open`` exclude a bound), so a bad number is a usage error naming the flag and the value
     before any work starts."""
-    if kind is int:
-        what = "an integer"
-    else:
-        what = "a finite number"
-    if low is not None and high is not None:
-        what += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        what += f" {'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        what += f" {'<' if high_open else '<='} {high:g}"
+    what = describe_range(kind is int, low, high, low_open, high_open)
 
     def parse(text: str) -> int | float:
         try:

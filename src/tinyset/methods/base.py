@@ -39,7 +39,7 @@ class DistillConfig(HParams):
                    choices=("real", "noise"))
     lr_img: float = hp(1.0, "learning rate of the synthetic images", gt=0)
     momentum_img: float = hp(0.5, "SGD momentum of the synthetic images", ge=0, lt=1)
-    batch_real: int = hp(256, "real images per class per iteration", ge=1)
+    batch_real: int = hp(256, "real images per class per iteration", ge=1, le=65536)
     dsa_strategy: str | None = hp(None, "DSA transformations ('none': off; none: the dataset's default)",
                                   optional=True)
     final_eval: str = hp("dsa", "protocol of the test evaluation after the run (see `tinyset evaluate --help`)",

@@ -205,6 +205,8 @@ def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, 
     if eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0, got {eval_every}")
     ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise ArtifactError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
     if not resume and ckpt_path.exists():
         raise ConfigError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or "
                           f"choose another --out")

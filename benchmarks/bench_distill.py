@@ -6,8 +6,13 @@ batched forward with bf16 autocast where the CPU supports it. DataDAM (batch_rea
 value; InstanceNorm ConvNet, p = 4) is timed three ways: the reference style with one forward per
 class, upstream's layout (one forward for all real and one for all synthetic images), both with
 forward hooks and fp32, and tinyset's method as configured by its paper preset (bf16 where native,
-compiled). DC is timed for tinyset only (per-class gradient matching, one outer iteration =
-outer_loop image updates).
+compiled). DC and DSA: one outer iteration, shortened to ``--dc-outer`` image updates (default 2)
+with ``--dc-inner`` inner epochs between them (default 20, so that a reference measurement takes
+under 2 minutes on one thread; the preset has 50 at ipc 10, and a full run, 10 updates and
+9 x 50 epochs, spends a larger share in the inner loop), the reference style
+(upstream's main.py: one forward/backward per class, plain fp32 modules, not compiled) and
+tinyset's, measured in turns (reference, tinyset, reference, ...) in one run; the minimum of
+``--dc-reps`` turns each.
 
     python benchmarks/bench_distill.py --data-root ../shared/datasets --iterations 10
 """
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_loop import reference_datadam_iteration, reference_dm_iteration  # noqa: E402
+from reference_loop import reference_datadam_iteration, reference_dc_iteration, reference_dm_iteration  # noqa: E402
 
 from tinyset.augment import DSA, default_strategy  # noqa: E402
 from tinyset.data import RealPool, load_dataset  # noqa: E402
@@ -52,7 +57,10 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--datadam-batch-real", type=int, default=64, help="batch_real of the DataDAM timings")
     ap.add_argument("--methods", default="dm,datadam,dc,dsa", help="comma-separated blocks to run")
-    ap.add_argument("--dc-outer", type=int, default=None, help="outer_loop for the DC timing (default: preset's)")
+    ap.add_argument("--dc-outer", type=int, default=2, help="outer_loop (image updates) of the DC/DSA timings")
+    ap.add_argument("--dc-inner", type=int, default=20,
+                    help="inner_loop epochs of the DC/DSA timings (0: the preset's for the ipc, 50 at ipc 10)")
+    ap.add_argument("--dc-reps", type=int, default=2, help="timed turns of each DC/DSA implementation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     # the CPU kind goes beside every timing
@@ -139,19 +147,51 @@ def time_datadam(args, train, pool, dev, prec, aug, fresh_images, out, threads: 
 
 
 def time_dc(method, args, train, pool, dev, prec, aug, out) -> None:
-    ipc = args.ipc
-    over = {"batch_real": args.batch_real}
-    if args.dc_outer:
-        over["outer_loop"] = args.dc_outer
+    ipc, threads = args.ipc, torch.get_num_threads()
+    over = {"batch_real": args.batch_real, "outer_loop": args.dc_outer}
+    if args.dc_inner:
+        over["inner_loop"] = args.dc_inner
     cfg = resolve_config(method, args.dataset, ipc, "paper", flags=over).values
+    if cfg.model != "convnet":
+        raise SystemExit(f"the DC reference loop builds an InstanceNorm ConvNet, the preset uses {cfg.model}")
+    augment = aug if method == "dsa" else None
+    # reference style: its own images and optimiser (lr_img, momentum 0.5), a new seed per iteration
+    g_ref = make_generator(0)
+    x = torch.cat([pool.sample_class(c, ipc, g_ref) for c in range(train.info.num_classes)])
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    seeds = iter(range(10**6))
+
+    def ref_step():
+        reference_dc_iteration(x, opt, pool, ipc, cfg.batch_real, augment, g_ref, next(seeds), cfg.outer_loop,
+                               cfg.inner_loop, lr_net=cfg.lr_net, batch_train=cfg.batch_train)
+
     g = make_generator(0)
-    impl = METHODS.get(method)(cfg, DistillContext(train.info, pool, ipc, dev, prec,
-                                                   aug if method == "dsa" else None))
+    impl = METHODS.get(method)(cfg, DistillContext(train.info, pool, ipc, dev, prec, augment))
     impl.setup(g)
-    s = time_iterations(lambda: impl.step(g), max(1, args.iterations // 5), warmup=1)
-    print(f"{method.upper():<3} tinyset       : {s:6.2f} s/iteration ({cfg.outer_loop} image updates of all "
-          f"classes with {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs between them)", flush=True)
-    out[method] = {"tinyset_s": s, "outer_loop": cfg.outer_loop, "inner_loop": cfg.inner_loop}
+    times: dict[str, list[float]] = {"reference": [], "tinyset": []}
+    steps = {"reference": ref_step, "tinyset": lambda: impl.step(g)}
+    for name, fn in steps.items():  # warm-up (tinyset: compiles)
+        t = time.perf_counter()
+        fn()
+        print(f"{method.upper():<3} warm-up {name:<9}: {time.perf_counter() - t:6.2f} s", flush=True)
+    for _ in range(max(1, args.dc_reps)):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    ref, ours = min(times["reference"]), min(times["tinyset"])
+    loops = f"{cfg.outer_loop} image updates, {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs"
+    print(f"{method.upper():<3} reference     : {ref:6.2f} s/outer iteration (fp32, plain torch.nn, one "
+          f"forward/backward per class; {loops}; {threads} threads)")
+    print(f"{method.upper():<3} tinyset       : {ours:6.2f} s/outer iteration ({impl.describe_path()}; "
+          f"{threads} threads)")
+    print(f"{method.upper():<3} speed-up      : {ref / ours:.2f}x (batch_real {cfg.batch_real}, ipc {ipc}, "
+          f"precision {prec}; turns: reference {', '.join(f'{t:.2f}' for t in times['reference'])}, "
+          f"tinyset {', '.join(f'{t:.2f}' for t in times['tinyset'])})", flush=True)
+    out[method] = {"reference_s": ref, "tinyset_s": ours, "speedup": ref / ours, "outer_loop": cfg.outer_loop,
+                   "inner_loop": cfg.inner_loop, "batch_real": cfg.batch_real, "precision": prec,
+                   "threads": threads, "path": impl.describe_path(), "turns": times}
 
 
 if __name__ == "__main__":

@@ -168,3 +168,77 @@ def reference_datadam_iteration(images_syn, opt, pool, ipc, batch_real, augment:
     loss.backward()
     opt.step()
     return loss.item() / k
+
+
+def _reference_layerwise_distance(g_syn, g_real) -> torch.Tensor:
+    """Upstream's ``match_loss`` with ``dis_metric='ours'``: for every parameter, 1 - cosine per
+    output unit summed; 1-D parameters (biases, norm weights) count zero."""
+    total = torch.zeros(())
+    for gs, gr in zip(g_syn, g_real):
+        if gr.dim() == 1:
+            continue
+        gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+        total = total + (1 - (gs * gr).sum(-1) / (gs.norm(dim=-1) * gr.norm(dim=-1) + 1e-6)).sum()
+    return total
+
+
+def reference_dc_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA | None, g, seed,
+                           outer_loop: int, inner_loop: int, lr_net: float = 0.01, batch_train: int = 256) -> float:
+    """A reference-style DC (``augment=None``) or DSA outer iteration, as upstream's ``main.py`` does it.
+
+    A fresh plain ``torch.nn`` ConvNet (InstanceNorm, fp32, not compiled) in train mode; ``outer_loop``
+    times: for every class one forward/backward on ``batch_real`` real images for the gradients of all
+    parameters, one forward/backward with the graph on the class's synthetic images (DSA: one draw per
+    class, shared by both), the layer-wise distance, summed over classes, one step of ``opt`` on the
+    images; between the image updates ``inner_loop`` epochs of plain SGD (``lr_net``, one optimiser for
+    the iteration) on a copy of the synthetic set, shuffled batches of ``batch_train``, DSA per batch.
+    Returns the mean loss per class and image update.
+    """
+    k = pool.info.num_classes
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = reference_convnet(pool.info.channels, k, pool.info.image_size[0])
+    net.train()
+    params = list(net.parameters())
+    net_opt = torch.optim.SGD(net.parameters(), lr=lr_net)
+    labels_syn = torch.arange(k).repeat_interleave(ipc)
+    total = 0.0
+    for ol in range(outer_loop):
+        loss = torch.zeros(())
+        for c in range(k):
+            real = pool.sample_class(c, batch_real, g)
+            syn = images_syn[c * ipc:(c + 1) * ipc]
+            if augment:  # one transformation for the class's real and synthetic images (siamese)
+                n = real.shape[0]
+                grp = torch.zeros(n + ipc, dtype=torch.long)
+                prm = augment.sample(n + ipc, pool.info.image_size, g, op_groups=grp, param_groups=grp)
+                real = augment.apply(real, prm.rows(0, n))
+                syn = augment.apply(syn, prm.rows(n, n + ipc))
+            target = torch.full((real.shape[0],), c, dtype=torch.long)
+            g_real = torch.autograd.grad(F.cross_entropy(net(real), target), params)
+            g_real = [t.detach().clone() for t in g_real]
+            g_syn = torch.autograd.grad(F.cross_entropy(net(syn), target[:ipc]), params, create_graph=True)
+            loss = loss + _reference_layerwise_distance(g_syn, g_real)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item()
+        if ol == outer_loop - 1:
+            break
+        x_train, y_train = images_syn.detach().clone(), labels_syn.clone()
+        n = x_train.shape[0]
+        for _ in range(inner_loop):
+            perm = torch.randperm(n, generator=g)
+            for b0 in range(0, n, batch_train):
+                idx = perm[b0:b0 + batch_train]
+                x = x_train[idx]
+                if augment:
+                    x = augment(x, g)
+                out = net(x)
+                loss_net = F.cross_entropy(out, y_train[idx])
+                net_opt.zero_grad()
+                loss_net.backward()
+                net_opt.step()
+                loss_net.item()  # the reference reads the loss and the accuracy of every batch
+                int((out.argmax(1) == y_train[idx]).sum())
+    return total / (k * outer_loop)

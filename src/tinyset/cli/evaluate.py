@@ -22,7 +22,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default=None,
                    help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
                         "quick (smoke test), fulldata (6 epochs, default of baseline), fulldata-long "
-                        "(16 epochs, DSA, 3 nets)")
+                        "(16 epochs, DSA, 3 nets), dsa-learned-lr (dsa with the set's learned lr, for MTT sets)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)

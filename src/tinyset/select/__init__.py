@@ -77,6 +77,6 @@ def select(method: str, train: ImageDataset, ipc: int, seed: int = 0, device: st
 
 
 # register the built-in selectors (each module registers itself)
-from tinyset.select import forgetting, herding, kcenter, random  # noqa: E402,F401
+from tinyset.select import forgetting, herding, kcenter, mi, random  # noqa: E402,F401
 
 __all__ = ["SELECTORS", "Selection", "select", "selector_options", "per_class_indices", "top_per_class"]

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from tinyset.cli.common import (add_data_options, add_runtime_options, check_json_out, evaluation_bar, load_split,
-                                parse_models, print_evaluation, write_result_json)
-from tinyset.cli.evaluate import add_eval_options, protocol_from
+from tinyset.cli.common import add_data_options, add_runtime_options, check_json_out, load_split, parse_models
+from tinyset.cli.evaluate import add_eval_options, protocol_from, run_with_bar
 
 HELP = "accuracy of the same networks trained on the whole training set"
 
@@ -25,13 +24,7 @@ def run(args: argparse.Namespace) -> int:
     check_json_out(args)
     train = load_split(args, args.dataset, "train")
     test = load_split(args, args.dataset, "test")
-    on_epoch, on_step, close = evaluation_bar(models, protocol.train_epochs)
-    try:
-        res = evaluate_full(train, test, models, protocol, seed=args.seed, device=args.runtime.device,
-                            progress=on_epoch, step_progress=on_step)
-    finally:
-        close()
-    res.runtime = args.runtime.to_dict()
-    print_evaluation(res, f"full training set of {args.dataset} ({len(train)} images)")
-    write_result_json(args, res)
+    run_with_bar(args, models, protocol, lambda **bar: evaluate_full(
+        train, test, models, protocol, seed=args.seed, device=args.runtime.device, **bar),
+        f"full training set of {args.dataset} ({len(train)} images)")
     return 0

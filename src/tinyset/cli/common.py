@@ -130,18 +130,10 @@ def load_split(args: argparse.Namespace, dataset: str, split: str):
 
 
 def parse_models(text: str) -> list[str]:
-    """``--models a,b`` -> names, all checked against the registry before any work."""
-    from tinyset.models import MODELS
+    """``--models a,b`` -> names, checked before any work by the evaluator's own check."""
+    from tinyset.evaluate import check_models
 
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise ConfigError(f"--models {text!r} names no architecture; e.g. --models convnet,mlp "
-                          f"(see `tinyset models`)")
-    bad = [m for m in names if m not in MODELS]
-    if bad:
-        raise ConfigError(f"--models: unknown architecture(s) {', '.join(repr(b) for b in bad)}; known: "
-                          f"{', '.join(MODELS.names())}")
-    return names
+    return check_models(text)
 
 
 def check_json_out(args: argparse.Namespace) -> None:

@@ -65,15 +65,23 @@ def run(args: argparse.Namespace) -> int:
     check_json_out(args)
     synset = load_synset(args.file)
     test = load_split(args, synset.info.name, "test")
+    run_with_bar(args, models, protocol, lambda **bar: evaluate_synset(
+        synset, test, models, protocol, seed=args.seed, device=args.runtime.device, **bar),
+        f"{args.file}: {len(synset)} images of {synset.info.name}, method {synset.meta.get('method')}",
+        file=str(args.file))
+    return 0
+
+
+def run_with_bar(args: argparse.Namespace, models: list[str], protocol: Any, call: Any, title: str,
+                 file: str | None = None) -> Any:
+    """Run ``call(progress=..., step_progress=...)`` under the epoch bar, then print and write the result."""
     on_epoch, on_step, close = evaluation_bar(models, protocol.train_epochs)
     try:
-        res = evaluate_synset(synset, test, models, protocol, seed=args.seed, device=args.runtime.device,
-                              progress=on_epoch, step_progress=on_step)
+        res = call(progress=on_epoch, step_progress=on_step)
     finally:
         close()
-    res.file = str(args.file)
+    res.file = file
     res.runtime = args.runtime.to_dict()
-    print_evaluation(res, f"{args.file}: {len(synset)} images of {synset.info.name}, "
-                          f"method {synset.meta.get('method')}")
+    print_evaluation(res, title)
     write_result_json(args, res)
-    return 0
+    return res

@@ -58,12 +58,13 @@ def check_models(models: Sequence[str] | str, info: DatasetInfo | None = None) -
     :data:`tinyset.models.MODELS` (all of them listed, with the known names) and, given ``info``,
     for architectures that cannot be built for its images. Nothing is trained.
     """
+    given = repr(models) if isinstance(models, str) else repr(list(models))
     if isinstance(models, str):
         models = [m for m in models.split(",")]
     names = [str(m).strip() for m in models if str(m).strip()]
     if not names:
-        raise ConfigError(f"--models names no architecture (got {list(models)!r}); expected one or more of: "
-                          f"{', '.join(MODELS.names())}")
+        raise ConfigError(f"--models names no architecture (got {given}); expected one or more of: "
+                          f"{', '.join(MODELS.names())} (see `tinyset models`)")
     bad = [n for n in names if n not in MODELS]
     if bad:
         raise ConfigError(f"--models: unknown architecture{'s' if len(bad) > 1 else ''} "

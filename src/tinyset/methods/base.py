@@ -155,6 +155,23 @@ class Distiller:
             real = self.augment.apply(real, prm.rows(0, n))
         return real, self.augment.apply(syn, prm.rows(n, len(groups)))
 
+    def frozen_network(self) -> nn.Module:
+        """The ``model`` network with frozen weights in train mode (BatchNorm uses batch statistics, as
+        the references do); methods that draw a fresh network every iteration re-initialise it in place
+        (:func:`tinyset.models.layers.init_parameters`) so a compiled forward is reused."""
+        from tinyset.models import create_model
+
+        info = self.info
+        net = create_model(self.cfg.model, info.channels, info.num_classes, info.image_size, device=self.device)
+        net.requires_grad_(False)
+        net.train()
+        return net
+
+    def compile_wanted(self, auto: bool) -> bool:
+        """The ``compile`` setting (auto/on/off) resolved, ``auto`` being the method's own rule."""
+        mode = getattr(self.cfg, "compile", "off")
+        return auto if mode == "auto" else mode == "on"
+
     @staticmethod
     def check_finite(loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss)):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
-from tinyset.models import MODELS, ConvNet, create_model
+from tinyset.models import MODELS, ConvNet
 from tinyset.models.layers import init_parameters
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast
@@ -137,11 +137,7 @@ class DataDAM(Distiller):
                               f"attention map; use attn_layers=all or a deeper ConvNet")
 
     def setup(self, gen: torch.Generator) -> None:
-        info = self.info
-        self.net = create_model(self.cfg.model, info.channels, info.num_classes, info.image_size,
-                                device=self.device)
-        self.net.requires_grad_(False)
-        self.net.train()  # BatchNorm networks use batch statistics, as in the reference
+        self.net = self.frozen_network()
         depth = self.net.config["depth"]
         self.blocks = tuple(range(depth if self.cfg.attn_layers == "all" else depth - 1))
         self.features = self.feature_function()
@@ -160,9 +156,7 @@ class DataDAM(Distiller):
         return features
 
     def wants_compile(self) -> bool:
-        if self.cfg.compile == "auto":
-            return self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS
-        return self.cfg.compile == "on"
+        return self.compile_wanted(self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS)
 
     def batches(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A real batch of every class and the synthetic images, class by class, under one DSA draw

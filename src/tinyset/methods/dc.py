@@ -256,10 +256,8 @@ class GradientMatching(Distiller):
         super().setup(gen)
 
     def wants_compile(self) -> bool:
-        if self.cfg.compile == "auto":
-            real = self.cfg.iterations * self.outer_loop * self.info.num_classes * self.cfg.batch_real
-            return self.device.type == "cpu" and real >= COMPILE_MIN_REAL_IMAGES
-        return self.cfg.compile == "on"
+        real = self.cfg.iterations * self.outer_loop * self.info.num_classes * self.cfg.batch_real
+        return self.compile_wanted(self.device.type == "cpu" and real >= COMPILE_MIN_REAL_IMAGES)
 
     def describe_path(self) -> str:
         """Which computation runs, for benchmarks and logs."""

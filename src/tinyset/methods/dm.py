@@ -18,7 +18,6 @@ import torch
 
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
-from tinyset.models import create_model
 from tinyset.models.layers import init_parameters
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast
@@ -54,20 +53,14 @@ class DistributionMatching(Distiller):
     cpu_rule = Rule("2-core CPU budget: 1000 iterations (500 on digits), quick final evaluation", _cpu_budget)
 
     def setup(self, gen: torch.Generator) -> None:
-        info = self.info
-        self.net = create_model(self.cfg.model, info.channels, info.num_classes, info.image_size,
-                                device=self.device)
-        self.net.requires_grad_(False)
-        self.net.train()  # BatchNorm networks use batch statistics, as in the reference
+        self.net = self.frozen_network()
         self.embed = self.net.embed
         if self.wants_compile():
             self.embed = torch.compile(self.net.embed, dynamic=False)
         super().setup(gen)
 
     def wants_compile(self) -> bool:
-        if self.cfg.compile == "auto":
-            return self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS
-        return self.cfg.compile == "on"
+        return self.compile_wanted(self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS)
 
     def step(self, gen: torch.Generator) -> float:
         k, ipc, b = self.info.num_classes, self.ipc, self.cfg.batch_real

@@ -67,9 +67,10 @@ def _install_sigterm() -> object:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    old_sigterm = _install_sigterm()
+    old_sigterm = None
     prog = "tinyset"
-    try:
+    try:  # the handler is installed inside the try: a signal right after it must reach the handlers below
+        old_sigterm = _install_sigterm()
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

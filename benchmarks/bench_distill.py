@@ -1,32 +1,42 @@
-"""Seconds per distillation iteration: DM, DataDAM and DC/DSA, tinyset vs the reference loop.
+"""Seconds per distillation iteration: DM, DataDAM, DC and DSA, tinyset against upstream's own code.
 
-Setting (issue #3): MNIST, ipc 10, batch_real 256, DSA on, ConvNet. The reference DM iteration
-runs one forward pass per class in fp32 (see reference_loop.py); tinyset's runs all classes in one
-batched forward with bf16 autocast where the CPU supports it. DataDAM (batch_real 64, its paper
-value; InstanceNorm ConvNet, p = 4) is timed three ways: the reference style with one forward per
-class, upstream's layout (one forward for all real and one for all synthetic images), both with
-forward hooks and fp32, and tinyset's method as configured by its paper preset (bf16 where native,
-compiled). DC and DSA: one outer iteration, shortened to ``--dc-outer`` image updates (default 2)
-with ``--dc-inner`` inner epochs between them (default 20, so that a reference measurement takes
-under 2 minutes on one thread; the preset has 50 at ipc 10, and a full run, 10 updates and
-9 x 50 epochs, spends a larger share in the inner loop), the reference style
-(upstream's main.py: one forward/backward per class, plain fp32 modules, not compiled) and
-tinyset's, measured in turns (reference, tinyset, reference, ...) in one run; the minimum of
-``--dc-reps`` turns each.
+Setting (issues #3, #12): MNIST, ipc 10, batch_real 256 (DataDAM: 64, its paper value), DSA on,
+ConvNet. Each block times, in alternating turns in one process (the machine may be shared, so only
+ratios measured side by side mean something):
 
-    python benchmarks/bench_distill.py --data-root ../shared/datasets --iterations 10
+* ``upstream``: upstream's own functions (VICO-UoE/DatasetCondensation for DM/DC/DSA,
+  DataDistillation/DataDAM for DataDAM; see ``upstream.py``: cloned at benchmark time, or
+  ``--upstream DIR``), driven by a loop body that does what upstream's main script does per
+  iteration. This is the baseline every speed-up is quoted against.
+* ``reference``: the reference-style loop of ``reference_loop.py`` (plain fp32 ``torch.nn``, one
+  forward per class, tinyset's DSA), which runs where upstream cannot be fetched; its cost relative to
+  upstream is printed so that it can be checked.
+* ``tinyset``: the method as configured by its ``paper`` preset (bf16 where the CPU has native bf16,
+  compiled where the method's rule says so).
+
+DC and DSA: one outer iteration shortened to ``--dc-outer`` image updates (default 2) with
+``--dc-inner`` inner epochs between them (default 20; the preset has 10 updates and 50 inner epochs
+at ipc 10, and ``--dc-outer 10 --dc-inner 0`` times the full outer iteration). Each figure is the
+median of ``--reps`` turns after one warm-up turn (tinyset compiles in it).
+
+    python benchmarks/bench_distill.py --data-root ../shared/datasets --threads 1
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import upstream as upstream_code  # noqa: E402
 from reference_loop import reference_datadam_iteration, reference_dc_iteration, reference_dm_iteration  # noqa: E402
 
 from tinyset.augment import DSA, default_strategy  # noqa: E402
@@ -34,17 +44,48 @@ from tinyset.data import RealPool, load_dataset  # noqa: E402
 from tinyset.methods import METHODS  # noqa: E402
 from tinyset.methods.base import DistillContext  # noqa: E402
 from tinyset.methods.loop import resolve_config  # noqa: E402
-from tinyset.rng import make_generator
+from tinyset.rng import make_generator  # noqa: E402
 from tinyset.runtime import describe_machine, resolve_precision, resolve_runtime  # noqa: E402
 
+#: upstream's default --dsa_strategy (for every dataset, MNIST included)
+UPSTREAM_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
-def time_iterations(fn, n: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n
+
+def race(label: str, contenders: dict[str, tuple[str, Callable[[], object]]], reps: int) -> dict[str, list[float]]:
+    """Run every contender once to warm up, then ``reps`` rounds of one turn each, in turn order.
+    Returns the turn times (seconds) per contender and prints each turn."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    quiet = io.StringIO()  # upstream prints a line per evaluation / epoch
+    for rnd in range(reps + 1):
+        for name, (_, fn) in contenders.items():
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(quiet):
+                fn()
+            dt = time.perf_counter() - t
+            if rnd:
+                times[name].append(dt)
+            print(f"  {label} {'warm-up' if not rnd else f'turn {rnd}'} {name:<10}: {dt:7.2f} s", flush=True)
+    return times
+
+
+def report(label: str, contenders: dict, times: dict[str, list[float]], unit: str, threads: int, prec: str,
+           extra: dict) -> dict:
+    """Print the medians and the speed-ups (tinyset against each other contender)."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, (desc, _) in contenders.items():
+        print(f"{label:<8} {name:<10}: {med[name]:7.2f} s/{unit}  ({desc}; {threads} threads)")
+    out = {"seconds": med, "turns": times, "threads": threads, "precision": prec, **extra}
+    for name in med:
+        if name != "tinyset":
+            out[f"speedup_vs_{name}"] = med[name] / med["tinyset"]
+            print(f"{label:<8} speed-up  : {med[name] / med['tinyset']:.2f}x against {name}")
+    if "upstream" in med:
+        for name in med:
+            if name.startswith("reference"):
+                out[f"{name}_cost_vs_upstream"] = med[name] / med["upstream"]
+                print(f"{label:<8} check     : {name} costs {med[name] / med['upstream']:.2f}x upstream's time")
+    sys.stdout.flush()
+    return out
 
 
 def main() -> None:
@@ -53,145 +94,163 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--batch-real", type=int, default=256)
-    ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--reps", type=int, default=3, help="timed turns of every contender (median reported)")
     ap.add_argument("--datadam-batch-real", type=int, default=64, help="batch_real of the DataDAM timings")
     ap.add_argument("--methods", default="dm,datadam,dc,dsa", help="comma-separated blocks to run")
     ap.add_argument("--dc-outer", type=int, default=2, help="outer_loop (image updates) of the DC/DSA timings")
     ap.add_argument("--dc-inner", type=int, default=20,
                     help="inner_loop epochs of the DC/DSA timings (0: the preset's for the ipc, 50 at ipc 10)")
-    ap.add_argument("--dc-reps", type=int, default=2, help="timed turns of each DC/DSA implementation")
+    ap.add_argument("--upstream", default="auto",
+                    help="VICO-UoE/DatasetCondensation: auto (git clone when reachable), off, or a checkout / "
+                         "git directory")
+    ap.add_argument("--upstream-datadam", default="auto",
+                    help="DataDistillation/DataDAM: auto, off, or a checkout / git directory")
+    ap.add_argument("--skip-reference", action="store_true", help="leave out the reference-style loops")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    # the CPU kind goes beside every timing
-    print(describe_machine(resolve_runtime("cpu", args.precision, configure=False)), flush=True)
-
-    train = load_dataset(args.dataset, "train", root=args.data_root)
-    pool = RealPool(train)
-    dev = torch.device("cpu")
-    prec = resolve_precision(args.precision, dev)
-    aug = DSA(default_strategy(args.dataset))
-    k, ipc = train.info.num_classes, args.ipc
-    out: dict = {"dataset": args.dataset, "ipc": ipc, "batch_real": args.batch_real, "precision": prec,
-                 "threads": torch.get_num_threads()}
-
-    def fresh_images(g):
-        x = torch.cat([pool.sample_class(c, ipc, g) for c in range(k)]).clone().requires_grad_(True)
-        return x, torch.optim.SGD([x], lr=1.0, momentum=0.5)
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
     unknown = methods - {"dm", "datadam", "dc", "dsa"}
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))}; expected dm, datadam, dc, dsa")
-    threads = torch.get_num_threads()
+    # the CPU kind goes beside every timing
+    print(describe_machine(resolve_runtime("cpu", args.precision, configure=False)), flush=True)
 
-    if "dm" in methods:
-        time_dm(args, train, pool, dev, prec, aug, fresh_images, out)
+    up = up_dam = None
+    if methods & {"dm", "dc", "dsa"}:
+        where, how = upstream_code.locate(args.upstream)
+        print(f"upstream DC/DSA/DM code: {how}", flush=True)
+        up = upstream_code.load(where, "vico") if where else None
     if "datadam" in methods:
-        time_datadam(args, train, pool, dev, prec, aug, fresh_images, out, threads)
+        where, how = upstream_code.locate(args.upstream_datadam, upstream_code.DATADAM_URL)
+        print(f"upstream DataDAM code: {how}", flush=True)
+        up_dam = upstream_code.load(where, "datadam") if where else None
+
+    train = load_dataset(args.dataset, "train", root=args.data_root)
+    bench = Bench(args, train, up, up_dam)
+    out: dict = {"dataset": args.dataset, "ipc": args.ipc, "batch_real": args.batch_real, "precision": bench.prec,
+                 "threads": torch.get_num_threads(),
+                 "machine": describe_machine(resolve_runtime("cpu", args.precision, configure=False))}
+    if "dm" in methods:
+        out["dm"] = bench.dm()
+    if "datadam" in methods:
+        out["datadam"] = bench.datadam()
     for method in ("dc", "dsa"):
         if method in methods:
-            time_dc(method, args, train, pool, dev, prec, aug, out)
+            out[method] = bench.dc(method)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def time_dm(args, train, pool, dev, prec, aug, fresh_images, out) -> None:
-    ipc = args.ipc
-    # reference DM
-    g = make_generator(0)
-    x, opt = fresh_images(g)
-    seeds = iter(range(10**6))
-    ref = time_iterations(lambda: reference_dm_iteration(x, opt, pool, ipc, args.batch_real, aug, g, next(seeds)),
-                          args.iterations)
-    print(f"DM reference loop : {ref:6.2f} s/iteration (fp32, one forward per class)")
-    # tinyset DM
-    cfg = resolve_config("dm", args.dataset, ipc, "paper", flags={"batch_real": args.batch_real}).values
-    g = make_generator(0)
-    dm = METHODS.get("dm")(cfg, DistillContext(train.info, pool, ipc, dev, prec, aug))
-    dm.setup(g)
-    ours = time_iterations(lambda: dm.step(g), args.iterations)
-    print(f"DM tinyset        : {ours:6.2f} s/iteration ({prec}, all classes in one forward)")
-    print(f"DM speed-up       : {ref / ours:.2f}x")
-    out["dm"] = {"reference_s": ref, "tinyset_s": ours, "speedup": ref / ours}
+class Bench:
+    def __init__(self, args, train, up, up_dam):
+        self.args, self.train, self.up, self.up_dam = args, train, up, up_dam
+        self.pool = RealPool(train)
+        self.dev = torch.device("cpu")
+        self.prec = resolve_precision(args.precision, self.dev)
+        self.aug = DSA(default_strategy(args.dataset))
+        self.k, self.ipc = train.info.num_classes, args.ipc
+        self.shape = (train.info.channels, *train.info.image_size)
+        self.threads = torch.get_num_threads()
+        if up or up_dam:
+            self.real = upstream_code.RealData(train.normalized(), train.labels, self.k)
 
+    def fresh_images(self, g, lr: float = 1.0, momentum: float = 0.5):
+        x = torch.cat([self.pool.sample_class(c, self.ipc, g) for c in range(self.k)])
+        x = x.clone(memory_format=torch.contiguous_format).requires_grad_(True)
+        return x, torch.optim.SGD([x], lr=lr, momentum=momentum)
 
-def time_datadam(args, train, pool, dev, prec, aug, fresh_images, out, threads: int) -> None:
-    ipc, b = args.ipc, args.datadam_batch_real
-    cfg = resolve_config("datadam", args.dataset, ipc, "paper", flags={"batch_real": b}).values
-    if cfg.model != "convnet":
-        raise SystemExit(f"the DataDAM reference loop builds an InstanceNorm ConvNet, the preset uses {cfg.model}")
-    kw = {"power": cfg.power, "task_balance": cfg.task_balance, "loss_scale": cfg.loss_scale}
-    refs = {}
-    for per_class, label in ((True, "one forward per class"), (False, "upstream: one forward per set")):
+    def tinyset(self, method: str, flags: dict, augment):
+        cfg = resolve_config(method, self.args.dataset, self.ipc, "paper", flags=flags).values
         g = make_generator(0)
-        x, opt = fresh_images(g)
-        seeds = iter(range(10**6))
-        refs[per_class] = time_iterations(
-            lambda: reference_datadam_iteration(x, opt, pool, ipc, b, aug, g, next(seeds), per_class=per_class,
-                                                **kw), args.iterations, warmup=1)
-        print(f"DataDAM reference : {refs[per_class]:6.2f} s/iteration (fp32, hooks, {label}, "
-              f"{threads} threads)", flush=True)
-    g = make_generator(0)
-    dam = METHODS.get("datadam")(cfg, DistillContext(train.info, pool, ipc, dev, prec, aug))
-    dam.setup(g)
-    ours = time_iterations(lambda: dam.step(g), args.iterations)
-    compiled = "compiled" if dam.wants_compile() else "eager"
-    print(f"DataDAM tinyset   : {ours:6.2f} s/iteration ({prec}, {compiled}, all classes in one forward, "
-          f"{threads} threads)")
-    print(f"DataDAM speed-up  : {refs[True] / ours:.2f}x vs one forward per class, "
-          f"{refs[False] / ours:.2f}x vs upstream's layout (batch_real {b}, p = {cfg.power:g})", flush=True)
-    out["datadam"] = {"reference_per_class_s": refs[True], "reference_upstream_s": refs[False], "tinyset_s": ours,
-                      "speedup": refs[True] / ours, "speedup_vs_upstream_layout": refs[False] / ours,
-                      "batch_real": b, "precision": prec, "threads": threads, "compiled": dam.wants_compile()}
+        impl = METHODS.get(method)(cfg, DistillContext(self.train.info, self.pool, self.ipc, self.dev, self.prec,
+                                                       augment))
+        impl.setup(g)
+        return cfg, impl, (lambda: impl.step(g))
 
+    def upstream_args(self, up, dsa: bool = True):
+        return upstream_code.upstream_args(up, dsa, UPSTREAM_STRATEGY)
 
-def time_dc(method, args, train, pool, dev, prec, aug, out) -> None:
-    ipc, threads = args.ipc, torch.get_num_threads()
-    over = {"batch_real": args.batch_real, "outer_loop": args.dc_outer}
-    if args.dc_inner:
-        over["inner_loop"] = args.dc_inner
-    cfg = resolve_config(method, args.dataset, ipc, "paper", flags=over).values
-    if cfg.model != "convnet":
-        raise SystemExit(f"the DC reference loop builds an InstanceNorm ConvNet, the preset uses {cfg.model}")
-    augment = aug if method == "dsa" else None
-    # reference style: its own images and optimiser (lr_img, momentum 0.5), a new seed per iteration
-    g_ref = make_generator(0)
-    x = torch.cat([pool.sample_class(c, ipc, g_ref) for c in range(train.info.num_classes)])
-    x = x.clone().requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=cfg.lr_img, momentum=cfg.momentum_img)
-    seeds = iter(range(10**6))
+    def dm(self) -> dict:
+        a, ipc, c = self.args, self.ipc, self.shape[0]
+        contenders: dict = {}
+        if self.up:
+            x_u, opt_u = self.fresh_images(make_generator(1))
+            uargs = self.upstream_args(self.up)
+            contenders["upstream"] = ("upstream main_DM.py loop body, fp32, one forward per class", lambda:
+                                      upstream_code.dm_iteration(self.up, uargs, self.real, x_u, opt_u, ipc,
+                                                                 a.batch_real, c, self.k, self.shape[1:]))
+        if not a.skip_reference:
+            g_r = make_generator(0)
+            x_r, opt_r = self.fresh_images(g_r)
+            seeds = iter(range(10**6))
+            contenders["reference"] = ("reference_loop.py, fp32, one forward per class", lambda:
+                                       reference_dm_iteration(x_r, opt_r, self.pool, ipc, a.batch_real, self.aug,
+                                                              g_r, next(seeds)))
+        _, impl, step = self.tinyset("dm", {"batch_real": a.batch_real}, self.aug)
+        contenders["tinyset"] = (f"{self.prec}, all classes in one forward", step)
+        return report("DM", contenders, race("DM", contenders, a.reps), "iteration", self.threads, self.prec,
+                      {"batch_real": a.batch_real})
 
-    def ref_step():
-        reference_dc_iteration(x, opt, pool, ipc, cfg.batch_real, augment, g_ref, next(seeds), cfg.outer_loop,
-                               cfg.inner_loop, lr_net=cfg.lr_net, batch_train=cfg.batch_train)
+    def datadam(self) -> dict:
+        a, ipc, b, c = self.args, self.ipc, self.args.datadam_batch_real, self.shape[0]
+        cfg, impl, step = self.tinyset("datadam", {"batch_real": b}, self.aug)
+        contenders: dict = {}
+        if self.up_dam:
+            x_u, opt_u = self.fresh_images(make_generator(1))
+            uargs = self.upstream_args(self.up_dam)
+            contenders["upstream"] = ("upstream main_DataDAM.py loop body: BatchNorm ConvNet, hooks, one forward "
+                                      "per set, fp32", lambda: upstream_code.datadam_iteration(
+                                          self.up_dam, uargs, self.real, x_u, opt_u, ipc, b, c, self.k,
+                                          self.shape[1:], task_balance=cfg.task_balance))
+        if not a.skip_reference:
+            kw = {"power": cfg.power, "task_balance": cfg.task_balance, "loss_scale": cfg.loss_scale}
+            g_r = make_generator(0)
+            x_r, opt_r = self.fresh_images(g_r)
+            seeds = iter(range(10**6))
+            contenders["reference"] = ("reference_loop.py, InstanceNorm ConvNet, hooks, one forward per class, "
+                                       "fp32", lambda: reference_datadam_iteration(
+                                           x_r, opt_r, self.pool, ipc, b, self.aug, g_r, next(seeds), **kw))
+        compiled = "compiled" if impl.wants_compile() else "eager"
+        contenders["tinyset"] = (f"{self.prec}, {compiled}, {cfg.model}, all classes in one forward", step)
+        return report("DataDAM", contenders, race("DataDAM", contenders, a.reps), "iteration", self.threads,
+                      self.prec, {"batch_real": b, "power": cfg.power, "model": cfg.model})
 
-    g = make_generator(0)
-    impl = METHODS.get(method)(cfg, DistillContext(train.info, pool, ipc, dev, prec, augment))
-    impl.setup(g)
-    times: dict[str, list[float]] = {"reference": [], "tinyset": []}
-    steps = {"reference": ref_step, "tinyset": lambda: impl.step(g)}
-    for name, fn in steps.items():  # warm-up (tinyset: compiles)
-        t = time.perf_counter()
-        fn()
-        print(f"{method.upper():<3} warm-up {name:<9}: {time.perf_counter() - t:6.2f} s", flush=True)
-    for _ in range(max(1, args.dc_reps)):
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    ref, ours = min(times["reference"]), min(times["tinyset"])
-    loops = f"{cfg.outer_loop} image updates, {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs"
-    print(f"{method.upper():<3} reference     : {ref:6.2f} s/outer iteration (fp32, plain torch.nn, one "
-          f"forward/backward per class; {loops}; {threads} threads)")
-    print(f"{method.upper():<3} tinyset       : {ours:6.2f} s/outer iteration ({impl.describe_path()}; "
-          f"{threads} threads)")
-    print(f"{method.upper():<3} speed-up      : {ref / ours:.2f}x (batch_real {cfg.batch_real}, ipc {ipc}, "
-          f"precision {prec}; turns: reference {', '.join(f'{t:.2f}' for t in times['reference'])}, "
-          f"tinyset {', '.join(f'{t:.2f}' for t in times['tinyset'])})", flush=True)
-    out[method] = {"reference_s": ref, "tinyset_s": ours, "speedup": ref / ours, "outer_loop": cfg.outer_loop,
-                   "inner_loop": cfg.inner_loop, "batch_real": cfg.batch_real, "precision": prec,
-                   "threads": threads, "path": impl.describe_path(), "turns": times}
+    def dc(self, method: str) -> dict:
+        a, ipc, c = self.args, self.ipc, self.shape[0]
+        over = {"batch_real": a.batch_real, "outer_loop": a.dc_outer}
+        if a.dc_inner:
+            over["inner_loop"] = a.dc_inner
+        augment = self.aug if method == "dsa" else None
+        cfg, impl, step = self.tinyset(method, over, augment)
+        if cfg.model != "convnet":
+            raise SystemExit(f"the DC reference loop builds an InstanceNorm ConvNet, the preset uses {cfg.model}")
+        contenders: dict = {}
+        if self.up:
+            x_u, opt_u = self.fresh_images(make_generator(1), cfg.lr_img, cfg.momentum_img)
+            uargs = self.upstream_args(self.up, dsa=augment is not None)
+            uargs.lr_net, uargs.batch_train = cfg.lr_net, cfg.batch_train
+            contenders["upstream"] = ("upstream main.py outer-iteration body, fp32, per-class gradients, "
+                                      "upstream's epoch() inner loop", lambda: upstream_code.dc_iteration(
+                                          self.up, uargs, self.real, x_u, opt_u, ipc, cfg.batch_real, c, self.k,
+                                          self.shape[1:], cfg.outer_loop, cfg.inner_loop))
+        if not a.skip_reference:
+            g_r = make_generator(0)
+            x_r, opt_r = self.fresh_images(g_r, cfg.lr_img, cfg.momentum_img)
+            seeds = iter(range(10**6))
+            contenders["reference"] = ("reference_loop.py, fp32, per-class gradients", lambda:
+                                       reference_dc_iteration(x_r, opt_r, self.pool, ipc, cfg.batch_real, augment,
+                                                              g_r, next(seeds), cfg.outer_loop, cfg.inner_loop,
+                                                              lr_net=cfg.lr_net, batch_train=cfg.batch_train))
+        contenders["tinyset"] = (impl.describe_path(), step)
+        loops = f"{cfg.outer_loop} image updates, {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs"
+        print(f"{method.upper()}: one outer iteration = {loops}, batch_real {cfg.batch_real}, ipc {ipc}", flush=True)
+        return report(method.upper(), contenders, race(method.upper(), contenders, a.reps), "outer iteration",
+                      self.threads, self.prec, {"outer_loop": cfg.outer_loop, "inner_loop": cfg.inner_loop,
+                                                "batch_real": cfg.batch_real, "path": impl.describe_path()})
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def test_bad_header(tmp_path: Path) -> None:
     p = tmp_path / "h.safetensors"
     _expect_artifact_error(_write(p, tensors, "{not json"), "not valid JSON")
     _expect_artifact_error(_write(p, tensors, {**header, "format": "other"}), "wrong format")
-    _expect_artifact_error(_write(p, tensors, {**header, "format_version": 2}), "unsupported format_version")
+    _expect_artifact_error(_write(p, tensors, {**header, "format_version": 3}), "unsupported format_version")
     _expect_artifact_error(_write(p, tensors, {**header, "format_version": "1"}), "unsupported format_version")
     _expect_artifact_error(_write(p, tensors, {k: v for k, v in header.items() if k != "info"}), "info")
     _expect_artifact_error(_write(p, tensors, {**header, "info": {"name": "x"}}), "dataset info")

@@ -43,7 +43,9 @@ header ``{"format": "tinyset.experts.shard", "format_version": 1, "chunk": C, "e
 from a clone of the live weights, so no stored epoch can alias another.
 
 ``manifest.json`` (format ``tinyset.experts``) holds the dataset (name, shape, classes,
-normalisation), ``zca`` (always false: tinyset does not whiten), the model and its arguments, the
+normalisation), ``zca`` (whether the experts trained on ZCA-whitened images: ``zca=True`` fits
+:class:`tinyset.data.zca.Zca` on the training images minus the validation split, whitens both and
+stores the transform as ``DIR/zca.safetensors``), the model and its arguments, the
 optimiser settings, the augmentation, the seed, the number of epochs, the validation split, and per
 expert its chunk, init seed, last completed epoch, training loss and validation accuracy per epoch
 (epoch 0 = at initialisation). It is written when training starts and again after every completed
@@ -69,6 +71,7 @@ from safetensors.torch import save_file
 from tinyset import __version__
 from tinyset.augment import DSA, default_strategy
 from tinyset.data.base import DatasetInfo, ImageDataset, split_validation
+from tinyset.data.zca import Zca
 from tinyset.errors import ArtifactError, ConfigError
 from tinyset.files import RunLock, atomic_path, clean_stale_temps, write_json
 from tinyset.models import MODELS, TinyNet, create_model, extract_member, stack_members
@@ -80,6 +83,8 @@ FORMAT = "tinyset.experts"
 SHARD_FORMAT = "tinyset.experts.shard"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: the ZCA transform of an expert set trained with ``zca=True``
+ZCA_FILE = "zca.safetensors"
 #: below this many optimiser steps per chunk, torch.compile's start-up cost is not worth paying
 COMPILE_MIN_STEPS = 300
 
@@ -109,6 +114,7 @@ class ExpertSettings:
     dsa_strategy: str | None = None  # None: the dataset's default; "none": no augmentation
     precision: str = "fp32"  # fp32 | bf16 | auto
     compile: bool | None = None  # None: on CPU when a chunk takes at least COMPILE_MIN_STEPS steps
+    zca: bool = False  # train on ZCA-whitened images (tinyset.data.zca)
 
     def __post_init__(self) -> None:
         own = "experts"
@@ -121,6 +127,8 @@ class ExpertSettings:
             self.val_per_class = check_number(own, "val_per_class", self.val_per_class, low=1, integer=True)
         if not isinstance(self.lr_decay, bool):
             raise ConfigError(f"experts lr_decay must be true or false, got {self.lr_decay!r}")
+        if not isinstance(self.zca, bool):
+            raise ConfigError(f"experts zca must be true or false, got {self.zca!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"experts precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.compile not in (None, True, False):
@@ -156,7 +164,7 @@ def _identity(info: DatasetInfo, model: str, model_args: dict, settings: ExpertS
     return {
         "dataset": info.to_dict(),
         "normalisation": {"mean": list(info.mean), "std": list(info.std)},
-        "zca": False,
+        "zca": settings.zca,
         "model": model,
         "model_args": model_args,
         "optimizer": {"name": "sgd", "lr": settings.lr, "momentum": 0.0, "weight_decay": settings.weight_decay,
@@ -263,6 +271,9 @@ def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, mo
     fit, val = split_validation(train, val_per_class, make_generator(sub_seed(seed, "validation")))
     x, y = fit.normalized(device), fit.labels.to(device)
     val_x, val_y = val.normalized(device), val.labels.to(device)
+    zca = Zca.fit(x) if settings.zca else None  # deterministic: a resume fits the same transform
+    if zca is not None:
+        x, val_x = zca.whiten(x, inplace=True), zca.whiten(val_x, inplace=True)
     m_width = settings.members
     chunks = [list(range(s, min(s + m_width, num_experts))) for s in range(0, num_experts, m_width)]
     steps_per_epoch = -(-len(fit) // min(settings.batch_size, len(fit)))
@@ -286,6 +297,8 @@ def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, mo
                                     for c, ch in enumerate(chunks) for i in ch],
                         "wall_time_s": 0.0, "tinyset_version": __version__}
             write_json(manifest_path, manifest)
+        if zca is not None:
+            zca.save(out / ZCA_FILE)
         records = manifest["experts"]
         total = num_experts * settings.epochs
         done = float(sum(max(0, r["completed_epoch"]) for r in records))
@@ -426,6 +439,13 @@ class ExpertSet:
         """Validation accuracy of expert ``i`` after epochs 0, 1, ... (epoch 0: at initialisation)."""
         return list(self._record(i)["val_acc"])
 
+    def zca_transform(self) -> Zca | None:
+        """The ZCA whitening the experts trained in (``zca.safetensors``), or ``None`` without ZCA."""
+        if not self.zca:
+            return None
+        h, w = self.info.image_size
+        return Zca.load(self.path / ZCA_FILE, dim=self.info.channels * h * w)
+
     def build_model(self, device: str | torch.device = "cpu", members: int = 1) -> TinyNet:
         """A network of the experts' architecture (throwaway weights)."""
         args = dict(self.model_args)
@@ -531,8 +551,9 @@ def check_compatible(experts: ExpertSet, info: DatasetInfo, model: str, zca: boo
         raise ConfigError(f"{where} holds {experts.model!r} networks; this run matches with model={key!r} "
                           f"(set model={experts.model} or train experts of {key})")
     if bool(experts.zca) != bool(zca):
-        raise ConfigError(f"{where} was trained with zca={experts.zca}; this run uses zca={zca}")
+        raise ConfigError(f"{where} was trained with zca={experts.zca}; this run uses zca={zca} (set "
+                          f"zca={str(experts.zca).lower()} or train experts {'with' if zca else 'without'} --zca)")
 
 
 __all__ = ["ExpertSet", "ExpertSettings", "train_experts", "check_compatible", "sub_seed", "shard_name",
-           "default_val_per_class", "MANIFEST", "FORMAT", "SHARD_FORMAT", "FORMAT_VERSION"]
+           "default_val_per_class", "MANIFEST", "ZCA_FILE", "FORMAT", "SHARD_FORMAT", "FORMAT_VERSION"]

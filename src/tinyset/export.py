@@ -3,8 +3,13 @@
 * :func:`export_imagefolder` writes ``out_dir/<class index>_<class name>/<i>.png`` (one
   subfolder per class; the index is zero-padded so sorted folder names follow class order), a
   ``meta.json`` describing the set and, for soft labels, ``labels.json`` with every image's
-  label row.
+  label row (the PNG is filed under the row's argmax).
 * :func:`export_npz` writes normalised and ``uint8`` images, labels, normalisation and metadata.
+
+A set that carries a ZCA transform is exported un-whitened (PNGs, ``images_uint8`` and
+``images_normalized`` are in the dataset's normalised space); the npz also keeps the stored
+whitened images and the transform (``images_whitened``, ``zca_mean``, ``zca_transform``,
+``zca_inverse``), and ``meta.json`` / ``meta_json`` carry the header's ``zca`` entry.
 """
 from __future__ import annotations
 
@@ -39,16 +44,26 @@ def class_folder_names(synset: SyntheticSet) -> list[str]:
 
 
 def describe(synset: SyntheticSet) -> dict[str, Any]:
-    """The set's header (format, info, meta with version, label kind) plus ``lr`` and ``num_images``."""
+    """The set's header (format, info, meta with version, label kind, ZCA when present) plus ``lr``,
+    ``num_images`` and ``label_regime`` (under which ``tinyset evaluate`` trains on the stored
+    labels with a protocol's own lr)."""
+    from tinyset.results import label_regime
+
     d = synset.header()
     d["lr"] = synset.lr
     d["num_images"] = len(synset)
+    d["label_regime"] = label_regime(synset.is_soft, False)
     return d
 
 
+def _normalized(synset: SyntheticSet) -> torch.Tensor:
+    """The images in the dataset's normalised space (un-whitened), float32 on the CPU."""
+    return synset.normalized_images().detach().to("cpu", torch.float32)
+
+
 def _pixels_nhwc(synset: SyntheticSet) -> np.ndarray:
-    """Denormalised, rounded ``uint8 [N, H, W, C]``."""
-    images01 = synset.info.denormalize(synset.images.detach().to("cpu", torch.float32))
+    """Un-whitened, denormalised, rounded ``uint8 [N, H, W, C]``."""
+    images01 = synset.info.denormalize(_normalized(synset))
     return to_uint8(images01).permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -128,7 +143,10 @@ def export_npz(synset: SyntheticSet, out_path: str | os.PathLike, overwrite: boo
     Arrays: ``images_normalized`` float32 [N,C,H,W], ``images_uint8`` uint8 [N,H,W,C]
     (denormalised, rounded), ``labels`` (int64 [N] or float32 [N,K]), ``mean``, ``std``
     (float32 [C]), ``class_names`` (str [K]), ``meta_json`` (0-d str, see :func:`describe`) and,
-    when the set has one, ``lr`` (0-d float64). Written atomically; an existing file raises
+    when the set has one, ``lr`` (0-d float64). A set with a ZCA transform adds
+    ``images_whitened`` (the stored images, float32 [N,C,H,W]) and ``zca_mean`` [D],
+    ``zca_transform`` and ``zca_inverse`` [D,D] (float32, ``D = C*H*W``); the other image arrays
+    are un-whitened. Written atomically; an existing file raises
     :class:`ConfigError` unless ``overwrite=True``. The path is used exactly as given.
     """
     out_path = Path(out_path)
@@ -138,7 +156,7 @@ def export_npz(synset: SyntheticSet, out_path: str | os.PathLike, overwrite: boo
     if out_path.is_dir():
         raise ConfigError(f"export target {out_path} is a directory")
     arrays: dict[str, np.ndarray] = {
-        "images_normalized": synset.images.detach().to("cpu", torch.float32).numpy(),
+        "images_normalized": _normalized(synset).numpy(),
         "images_uint8": _pixels_nhwc(synset),
         "labels": synset.labels.detach().cpu().numpy(),
         "mean": np.asarray(synset.info.mean, dtype=np.float32),
@@ -148,6 +166,9 @@ def export_npz(synset: SyntheticSet, out_path: str | os.PathLike, overwrite: boo
     }
     if synset.lr is not None:
         arrays["lr"] = np.asarray(synset.lr, dtype=np.float64)
+    if synset.zca is not None:
+        arrays["images_whitened"] = synset.images.detach().to("cpu", torch.float32).numpy()
+        arrays.update({f"zca_{k}": t.numpy() for k, t in synset.zca.state_dict().items()})
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as fh:  # a file object: np.savez must not append ".npz" to the tmp name
             np.savez(fh, **arrays)

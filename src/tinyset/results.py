@@ -20,6 +20,19 @@ from tinyset.errors import ArtifactError
 
 SCHEMA = "tinyset.result"
 SCHEMA_VERSION = 1
+#: ``label_regime`` of a result written before tinyset recorded label regimes
+UNRECORDED_REGIME = "unrecorded"
+
+
+def label_regime(soft_labels: bool, learned_lr: bool, teacher_temperature: float | None = None) -> str:
+    """The name of a label regime, as results record it: ``hard`` (one-hot labels, the protocol's
+    lr); ``learned (soft labels, lr)`` / ``learned (soft labels)`` / ``learned (lr)`` for what the
+    method learned and the set stores; ``teacher (T=...)`` (``teacher (T=..., learned lr)`` when the
+    set's lr is used too) when a teacher network relabelled the images at evaluation time."""
+    if teacher_temperature is not None:
+        return f"teacher (T={teacher_temperature:g}{', learned lr' if learned_lr else ''})"
+    learned = [name for name, used in (("soft labels", soft_labels), ("lr", learned_lr)) if used]
+    return f"learned ({', '.join(learned)})" if learned else "hard"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -68,6 +81,9 @@ class ModelScore(_Result):
     train_seconds: float = 0.0
     seconds: float = 0.0  # training and testing
     seconds_per_model: float = 0.0
+    #: the labels the networks were trained with: ``hard``, ``learned (...)`` or ``teacher (...)``
+    #: (see :func:`label_regime`)
+    label_regime: str = UNRECORDED_REGIME
 
     def __post_init__(self) -> None:
         if math.isnan(self.mean):
@@ -89,6 +105,8 @@ class EvaluationResult(_Result):
     set: dict[str, Any] = field(default_factory=dict)
     file: str | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
+    #: the label regime of every row (see :attr:`ModelScore.label_regime`)
+    label_regime: str = UNRECORDED_REGIME
 
     def score(self, model: str) -> ModelScore:
         for r in self.results:
@@ -160,5 +178,5 @@ def result_from_dict(d: dict[str, Any]) -> Any:
     return cls(**body)
 
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "ModelScore", "EvaluationResult", "SelectionResult",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "UNRECORDED_REGIME", "label_regime", "ModelScore", "EvaluationResult", "SelectionResult",
            "DistillationResult", "result_from_dict", "mean_std"]

@@ -15,6 +15,13 @@ document::
     {"format": "tinyset.synset", "format_version": 1, "info": {...DatasetInfo.to_dict()...},
      "meta": {...}, "label_kind": "hard" | "soft"}
 
+A set distilled on ZCA-whitened data (:mod:`tinyset.data.zca`) holds its images in the whitened
+space and carries the transform: tensors ``zca.mean``, ``zca.transform``, ``zca.inverse`` and the
+header field ``"zca": {"eps": ..., "num_images": ..., "dim": ...}``. Such files are written with
+``format_version`` 2, so that a tinyset that cannot apply the transform refuses them instead of
+evaluating on unwhitened test images; files without ZCA stay version 1. Evaluation whitens the test
+images with the stored transform; :meth:`SyntheticSet.normalized_images` un-whitens for display.
+
 Loading only ever parses safetensors (never pickle) and validates everything it reads; any
 problem raises :class:`~tinyset.errors.ArtifactError` naming the file.
 """
@@ -32,13 +39,18 @@ import torch
 from torch.utils.data import Dataset
 
 from tinyset.data.base import DatasetInfo
+from tinyset.data.zca import STATE_KEYS as ZCA_KEYS, Zca
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.files import json_default, atomic_path
 
 #: value of the ``format`` field identifying a synthetic-set file
 FORMAT = "tinyset.synset"
-#: the (only) format version this module writes and reads
+#: the format version of a set without ZCA (what older tinyset versions read)
 FORMAT_VERSION = 1
+#: the format version of a set that carries a ZCA transform
+ZCA_FORMAT_VERSION = 2
+#: the format versions this module reads
+READ_VERSIONS = (FORMAT_VERSION, ZCA_FORMAT_VERSION)
 #: safetensors metadata key holding the JSON header
 METADATA_KEY = "tinyset"
 #: allowed deviation of a soft-label row sum from 1
@@ -112,6 +124,8 @@ class SyntheticSet(Dataset):
         lr: an optional learned learning rate.
         meta: JSON-serialisable metadata (``method``, ``config``, ``seed``, ``iterations``,
             ``wall_time_s``, ...). ``tinyset_version`` is filled in when saving.
+        extras: named extra tensors a method stores.
+        zca: the ZCA whitening the images live in (:class:`~tinyset.data.zca.Zca`), or ``None``.
 
     The constructor converts images to float32 and labels to int64/float32 and validates shapes,
     label ranges and finiteness (:class:`ConfigError` for inconsistent inputs,
@@ -124,6 +138,7 @@ class SyntheticSet(Dataset):
     lr: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    zca: Zca | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or not isinstance(self.labels, torch.Tensor):
@@ -145,18 +160,28 @@ class SyntheticSet(Dataset):
         for name, t in self.extras.items():
             if not isinstance(name, str) or not name or not isinstance(t, torch.Tensor):
                 raise ConfigError(f"SyntheticSet: extras must map non-empty names to tensors, got {name!r}")
+        if self.zca is not None:
+            if not isinstance(self.zca, Zca):
+                raise ConfigError(f"SyntheticSet: zca must be a tinyset.data.zca.Zca, got {type(self.zca).__name__}")
+            per = int(self.images[0].numel())
+            if self.zca.dim != per:
+                raise ConfigError(f"SyntheticSet: the ZCA transform is for images of {self.zca.dim} values, the "
+                                  f"images have {per}")
 
     # ---------------------------------------------------------------- Dataset protocol and views
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, label)``: the label is an int64 class index for hard labels and the float32
+        probability row ``[K]`` for soft labels. Images are as stored (whitened when :attr:`zca`)."""
         return self.images[i], self.labels[i]
 
     def __repr__(self) -> str:
         lr = "" if self.lr is None else f", lr={self.lr:.4g}"
+        zca = "" if self.zca is None else f", zca(eps={self.zca.eps:g})"
         return (f"SyntheticSet({self.info.name}, n={len(self)}, "
-                f"image={list(self.images.shape[1:])}, labels={self.label_kind}{lr}, "
+                f"image={list(self.images.shape[1:])}, labels={self.label_kind}{lr}{zca}, "
                 f"method={self.meta.get('method')!r})")
 
     @property
@@ -167,6 +192,11 @@ class SyntheticSet(Dataset):
     @property
     def is_soft(self) -> bool:
         return self.labels.dim() == 2
+
+    def normalized_images(self) -> torch.Tensor:
+        """The images in the dataset's normalised space: :attr:`images` un-whitened when the set
+        carries a ZCA transform, else :attr:`images` itself. What display and export show."""
+        return self.images if self.zca is None else self.zca.unwhiten(self.images.detach())
 
     @property
     def num_classes(self) -> int:
@@ -196,7 +226,7 @@ class SyntheticSet(Dataset):
     def to(self, device: str | torch.device) -> "SyntheticSet":
         """A copy with images and labels on ``device`` (metadata is copied)."""
         return SyntheticSet(self.images.to(device), self.labels.to(device), self.info, self.lr,
-                            copy.deepcopy(self.meta), {k: v.to(device) for k, v in self.extras.items()})
+                            copy.deepcopy(self.meta), {k: v.to(device) for k, v in self.extras.items()}, self.zca)
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -220,13 +250,16 @@ class SyntheticSet(Dataset):
 
         meta = copy.deepcopy(self.meta)
         meta["tinyset_version"] = __version__
-        return {
+        header = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.zca is None else ZCA_FORMAT_VERSION,
             "info": self.info.to_dict(),
             "meta": meta,
             "label_kind": self.label_kind,
         }
+        if self.zca is not None:
+            header["zca"] = self.zca.describe()
+        return header
 
     def header_json(self) -> str:
         """:meth:`header` as a JSON string; :class:`ConfigError` if meta is not serialisable."""
@@ -253,6 +286,8 @@ class SyntheticSet(Dataset):
             tensors["lr"] = torch.tensor(self.lr, dtype=torch.float64)
         for name, t in self.extras.items():
             tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
+        if self.zca is not None:
+            tensors.update({f"zca.{k}": t for k, t in self.zca.state_dict().items()})
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: header})
         return path
@@ -291,6 +326,7 @@ class SyntheticSet(Dataset):
                 labels = f.get_tensor("labels").clone()
                 lr_t = f.get_tensor("lr").clone() if "lr" in keys else None
                 extras = {k[len("extra."):]: f.get_tensor(k).clone() for k in sorted(keys) if k.startswith("extra.")}
+                zca_t = {k[len("zca."):]: f.get_tensor(k) for k in sorted(keys) if k.startswith("zca.")}
         except ArtifactError:
             raise
         except PermissionError as exc:
@@ -321,7 +357,8 @@ class SyntheticSet(Dataset):
         problem = _finite_problem(images, lr)
         if problem:
             raise fail(problem)
-        synset = cls(images, labels, info, lr, meta, extras)
+        zca = _read_zca(header, zca_t, int(images[0].numel()), path)
+        synset = cls(images, labels, info, lr, meta, extras, zca)
         return synset.to(map_location) if torch.device(map_location).type != "cpu" else synset
 
 
@@ -336,13 +373,33 @@ def _parse_header(text: str, fail: Callable[[str], ArtifactError]) -> dict[str, 
     if header.get("format") != FORMAT:
         raise fail(f"wrong format {header.get('format')!r} (expected {FORMAT!r})")
     version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
-        hint = " (written by a newer tinyset?)" if isinstance(version, int) and version > FORMAT_VERSION else ""
-        raise fail(f"unsupported format_version {version!r}; this tinyset reads version "
-                   f"{FORMAT_VERSION}{hint}")
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READ_VERSIONS:
+        hint = " (written by a newer tinyset?)" if isinstance(version, int) and version > max(READ_VERSIONS) else ""
+        raise fail(f"unsupported format_version {version!r}; this tinyset reads versions "
+                   f"{', '.join(map(str, READ_VERSIONS))}{hint}")
     if "info" not in header:
         raise fail("header has no 'info'")
     return header
 
 
-__all__ = ["SyntheticSet", "FORMAT", "FORMAT_VERSION", "METADATA_KEY", "SOFT_LABEL_TOL"]
+def _read_zca(header: dict[str, Any], tensors: dict[str, torch.Tensor], dim: int, path: Path) -> Zca | None:
+    """The ZCA transform a file carries (header field ``zca`` and tensors ``zca.*``), checked, or None."""
+    desc = header.get("zca")
+    if desc is None and not tensors:
+        return None
+    if not isinstance(desc, dict):
+        raise ArtifactError(f"{path}: has tensors {', '.join('zca.' + k for k in tensors)} but no 'zca' header "
+                            f"object describing them" if desc is None else
+                            f"{path}: header 'zca' must be a JSON object, got {type(desc).__name__}")
+    if header.get("format_version") != ZCA_FORMAT_VERSION:
+        raise ArtifactError(f"{path}: carries a ZCA transform but says format_version "
+                            f"{header.get('format_version')!r}; sets with ZCA are version {ZCA_FORMAT_VERSION}")
+    unknown = sorted(set(tensors) - set(ZCA_KEYS))
+    if unknown:
+        raise ArtifactError(f"{path}: unknown ZCA tensor(s) {', '.join('zca.' + k for k in unknown)}")
+    n = desc.get("num_images", 0)
+    return Zca.from_state_dict(tensors, desc.get("eps"), n if isinstance(n, int) else 0, dim, where=str(path))
+
+
+__all__ = ["SyntheticSet", "FORMAT", "FORMAT_VERSION", "ZCA_FORMAT_VERSION", "READ_VERSIONS", "METADATA_KEY",
+           "SOFT_LABEL_TOL"]

@@ -87,10 +87,11 @@ def synset_grid(synset: "SyntheticSet", upscale: int | None = None, pad: int = 2
     """One grid row per class (in class order), that class's images left to right.
 
     Soft labels are grouped by their argmax; rows of classes with fewer images are padded with
-    ``pad_value``. Images are denormalised with ``synset.info`` and enlarged by nearest neighbour
-    (see :func:`upscale_factor`).
+    ``pad_value``. Images are un-whitened when the set carries a ZCA transform
+    (:meth:`~tinyset.synset.SyntheticSet.normalized_images`), denormalised with ``synset.info``
+    and enlarged by nearest neighbour (see :func:`upscale_factor`).
     """
-    images01 = synset.info.denormalize(synset.images.detach().to("cpu", torch.float32))
+    images01 = synset.info.denormalize(synset.normalized_images().detach().to("cpu", torch.float32))
     labels = synset.hard_labels().cpu()
     k = synset.num_classes
     per_class = [images01[labels == c] for c in range(k)]

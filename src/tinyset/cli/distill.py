@@ -12,6 +12,7 @@ HELP = "learn a synthetic set with a distillation method (see `tinyset methods`)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tinyset.methods import METHODS
+    from tinyset.methods.base import INITS
 
     p.add_argument("--method", required=True, choices=METHODS.names())
     p.add_argument("--dataset", required=True, help="dataset name or imagefolder:PATH")
@@ -24,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="one setting (repeatable), e.g. --set lr_img=0.5; wins over --config and the preset")
     p.add_argument("--iterations", type=number(int, low=1), default=None, help="outer iterations (default: preset's)")
-    p.add_argument("--init", choices=("real", "noise"), default=None, help="initial images (default: preset's)")
+    p.add_argument("--init", default=None, metavar="SOURCE",
+                   help="initial images (default: preset's): " + "; ".join(
+                       f"{INITS.get(n).form}: {INITS.help(n)}" for n in INITS.names()))
     p.add_argument("--model", default=None, help="network used for matching (default: preset's, convnet)")
     p.add_argument("--lr-img", type=number(float, low=0, low_open=True), default=None,
                    help="learning rate of the images (default: preset's)")

@@ -52,6 +52,14 @@ def protocol_from(args: argparse.Namespace, default: str) -> Any:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a .safetensors synthetic-set file")
     add_eval_options(p)
+    p.add_argument("--teacher", default=None, metavar="EXPERTS_DIR[:EPOCH]",
+                   help="the 'teacher' label regime: relabel every image once with the softmax of expert 0 of a "
+                        "folder made by `tinyset experts` (default epoch: its last) and train on those soft labels "
+                        "(knowledge distillation); without it the set's own labels are used (hard, or soft labels "
+                        "the method learned). Any set works: for a baseline under the same regime, `tinyset select "
+                        "--method random ...` then evaluate the subset with the same --teacher")
+    p.add_argument("--teacher-temperature", type=number(float, low=0, low_open=True), default=1.0,
+                   help="temperature T of the teacher's softmax(logits / T) (default: 1)")
     add_data_options(p)
     add_runtime_options(p)
 
@@ -64,12 +72,24 @@ def run(args: argparse.Namespace) -> int:
     check_distinct("--json", args.json_out, "the input", args.file)
     check_json_out(args)
     synset = load_synset(args.file)
+    teacher = load_teacher(args, synset)
     test = load_split(args, synset.info.name, "test")
     run_with_bar(args, models, protocol, lambda **bar: evaluate_synset(
-        synset, test, models, protocol, seed=args.seed, device=args.runtime.device, **bar),
+        synset, test, models, protocol, seed=args.seed, device=args.runtime.device, teacher=teacher, **bar),
         f"{args.file}: {len(synset)} images of {synset.info.name}, method {synset.meta.get('method')}",
         file=str(args.file))
     return 0
+
+
+def load_teacher(args: argparse.Namespace, synset: Any) -> Any:
+    """The ``--teacher`` network (checked against the set), or None without the flag."""
+    if getattr(args, "teacher", None) is None:
+        return None
+    from tinyset.evaluate import Teacher
+
+    teacher = Teacher.from_experts(args.teacher, args.teacher_temperature, args.runtime.device)
+    teacher.check(synset.info, f"the set {args.file}")
+    return teacher
 
 
 def run_with_bar(args: argparse.Namespace, models: list[str], protocol: Any, call: Any, title: str,

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: min(100, a tenth of the smallest class))")
     p.add_argument("--dsa-strategy", default=None,
                    help="DSA augmentation while training ('none': off; default: the dataset's strategy)")
+    p.add_argument("--zca", action="store_true",
+                   help="train on ZCA-whitened images (fitted on the training images, eps 0.1 as the MTT reference; "
+                        "stored as DIR/zca.safetensors); distill with --set zca=true")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the networks (auto: on CPU when a chunk takes at least 300 steps)")
     p.add_argument("--out", default=None, help="expert folder (default: runs/experts_DATASET_MODEL_seedS)")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ExpertSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                               batch_size=args.batch_size, lr_decay=args.lr_decay, members=args.members,
                               val_per_class=args.val_per_class, dsa_strategy=args.dsa_strategy,
-                              precision=rt.precision, compile={"auto": None, "on": True, "off": False}[args.compile])
+                              precision=rt.precision, compile={"auto": None, "on": True, "off": False}[args.compile],
+                              zca=args.zca)
     if settings.dsa_strategy is not None:
         from tinyset.augment import parse_strategy
 
@@ -98,5 +102,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(finals)} experts ({experts.model}, {experts.epochs} epochs each) in {out}; validation accuracy "
           f"after the last epoch: mean {100 * mean:.1f}% ({experts.manifest['val_images']} held-out training images)")
     print(f"distill with them: tinyset distill --method mtt --dataset {args.dataset} --ipc K --model {experts.model} "
-          f"--set experts={out}")
+          f"--set experts={out}" + (" --set zca=true" if experts.zca else ""))
     return 0

@@ -4,6 +4,13 @@ The protocol (``Protocol``) is recorded with every result. Nothing here looks at
 except to report the final accuracy of every trained model. Networks are trained by the one
 training loop of tinyset, :func:`tinyset.training.train_ensemble`, and tested by
 :func:`tinyset.training.test_accuracy` (both re-exported here).
+
+Every result names its label regime (:func:`~tinyset.results.label_regime`): ``hard`` (one-hot
+labels, the protocol's lr), ``learned (...)`` (soft labels and/or an lr learned by the method and
+stored in the set: soft cross-entropy on the stored rows, the stored lr when the protocol's ``lr``
+is null) or ``teacher (T=...)`` (every image relabelled once by a teacher network,
+:mod:`tinyset.evaluate.teacher`). A set that carries a ZCA transform has its test images whitened
+with it (:func:`test_images`).
 """
 from __future__ import annotations
 
@@ -15,11 +22,13 @@ import torch
 
 from tinyset.augment import DSA, default_strategy
 from tinyset.data.base import DatasetInfo, ImageDataset
+from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
 from tinyset.evaluate.protocol import Protocol
-from tinyset.evaluate.report import format_table
+from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
+from tinyset.evaluate.teacher import Teacher, parse_teacher
 from tinyset.models import MODELS, create_model
-from tinyset.results import EvaluationResult, ModelScore, mean_std
+from tinyset.results import EvaluationResult, ModelScore, label_regime, mean_std
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import resolve_precision
 from tinyset.training import TrainSettings, compile_errors, compile_status, test_accuracy, train_ensemble
@@ -76,11 +85,22 @@ def check_models(models: Sequence[str] | str, info: DatasetInfo | None = None) -
     return names
 
 
+def test_images(test: ImageDataset, device: str | torch.device, zca: Zca | None = None) -> torch.Tensor:
+    """The test split normalised on ``device`` and, for a set that carries a ZCA transform, whitened
+    with it (the networks train in the whitened space)."""
+    x = test.normalized(device)
+    return x if zca is None else zca.whiten(x, inplace=True)
+
+
+test_images.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
 def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, test: ImageDataset,
                      models: Sequence[str] = ("convnet",), protocol: Protocol | None = None,
                      seed: int = 0, device: str | torch.device = "cpu", learned_lr: float | None = None,
                      progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
-                     test_progress: TestProgress | None = None) -> EvaluationResult:
+                     test_progress: TestProgress | None = None, zca: Zca | None = None,
+                     regime: str | None = None) -> EvaluationResult:
     """Train ``protocol.num_models`` fresh networks of each architecture on ``(images, labels)``.
 
     Returns an :class:`~tinyset.results.EvaluationResult`: the protocol (with ``lr_used``,
@@ -93,6 +113,10 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     * ``step_progress(model, epochs_done, epochs)`` (``epochs_done`` fractional) after every step;
     * ``test_progress(model, batches_done, batches_total)`` after every batch of the test pass
       that follows a model's training (a full test split is tens of batches).
+
+    ``zca``: the whitening ``images`` live in; the test images get the same (recorded as
+    ``protocol["zca"]``). ``regime``: the label regime to record (default: :func:`label_regime` of
+    the labels given and of whether the protocol takes ``learned_lr``).
     """
     protocol = protocol or Protocol.preset("dsa")
     names = check_models(models, info)
@@ -102,12 +126,14 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         raise ConfigError("the protocol asks for the set's learned lr (lr=None) but the set has none")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"the set's learned lr must be a finite number > 0, got {lr!r}")
+    if regime is None:
+        regime = label_regime(labels.dim() == 2, protocol.lr is None)
     if test.info.channels != info.channels or tuple(test.info.image_size) != tuple(info.image_size):
         raise ConfigError(f"test set {test.info.name} has images {test.info.channels}x"
                           f"{test.info.image_size} but the set has {info.channels}x{info.image_size}")
     images = images.to(device, torch.float32)
     labels = labels.to(device)
-    test_x = test.normalized(device)
+    test_x = test_images(test, device, zca)
     test_y = test.labels.to(device)
     settings = settings_for(protocol, images.shape[0], device, lr)
     augment = make_augment(protocol, info.name)
@@ -141,27 +167,48 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
                 fallbacks[name] = compile_errors(model)
         mean, std = mean_std(accs)
         rows.append(ModelScore(model=name, accuracies=accs, mean=mean, std=std, train_seconds=train_s,
-                               seconds=total_s, seconds_per_model=total_s / protocol.num_models))
+                               seconds=total_s, seconds_per_model=total_s / protocol.num_models,
+                               label_regime=regime))
     proto = {**protocol.to_dict(), "lr_used": lr, "precision_used": settings.precision,
              "compiled": bool(compiled_all), "augment_strategy": augment.strategy if augment else "none"}
     if fallbacks:
         proto["compile_fallback"] = fallbacks
+    if zca is not None:
+        proto["zca"] = zca.describe()
     return EvaluationResult(protocol=proto, dataset=info.name, num_images=int(images.shape[0]), seed=seed,
-                            device=str(device), results=rows)
+                            device=str(device), results=rows, label_regime=regime)
+
+
+def teacher_labels(synset: Any, teacher: Teacher, device: str | torch.device) -> torch.Tensor:
+    """The ``teacher`` regime's labels of a set: every image relabelled once with the teacher's
+    softmax (after checking that the teacher fits the set's dataset)."""
+    teacher.check(synset.info, f"the set ({synset.info.name}, method {synset.meta.get('method')})")
+    return teacher.label(synset.images.to(device, torch.float32), synset.zca)
 
 
 def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("convnet",),
                     protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
                     progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
-                    test_progress: TestProgress | None = None) -> EvaluationResult:
+                    test_progress: TestProgress | None = None, teacher: Teacher | None = None) -> EvaluationResult:
     """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``.
 
-    As :func:`evaluate_tensors`; the result's ``set`` says what was evaluated (method, ipc,
-    number of images, the set's metadata).
+    As :func:`evaluate_tensors`: trains on the set's stored labels (soft cross-entropy for soft
+    ones) and, when the protocol's lr is null, its learned lr; the test images get the set's ZCA
+    transform when it carries one. With ``teacher`` (:class:`~tinyset.evaluate.teacher.Teacher`)
+    the labels are the teacher's instead (recorded as ``protocol["teacher"]``). The result's
+    ``set`` says what was evaluated (method, ipc, number of images, the set's metadata) and
+    ``label_regime`` under which labels.
     """
-    res = evaluate_tensors(synset.images, synset.labels, synset.info, test, models, protocol, seed,
+    labels, regime = synset.labels, None
+    if teacher is not None:
+        check_models(models, synset.info)  # names first: relabelling is wasted on a typo
+        labels = teacher_labels(synset, teacher, device)
+        regime = label_regime(True, (protocol or Protocol.preset("dsa")).lr is None, teacher.temperature)
+    res = evaluate_tensors(synset.images, labels, synset.info, test, models, protocol, seed,
                            device, learned_lr=synset.lr, progress=progress, step_progress=step_progress,
-                           test_progress=test_progress)
+                           test_progress=test_progress, zca=synset.zca, regime=regime)
+    if teacher is not None:
+        res.protocol["teacher"] = teacher.describe()
     res.set = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
                "meta": synset.meta}
     return res
@@ -185,4 +232,5 @@ def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str]
 
 
 __all__ = ["Protocol", "evaluate_synset", "evaluate_tensors", "evaluate_full", "format_table", "check_models",
-           "settings_for", "make_augment", "train_ensemble", "test_accuracy", "TrainSettings"]
+           "settings_for", "make_augment", "train_ensemble", "test_accuracy", "TrainSettings", "label_regime",
+           "test_images", "teacher_labels", "Teacher", "parse_teacher", "comparison_table", "check_same_regime"]

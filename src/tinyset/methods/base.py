@@ -9,7 +9,13 @@ A method is one class, registered in :data:`tinyset.methods.METHODS`, that
   rate, ...), modules whose parameters it trains (:meth:`~Distiller.module`) and one optimiser per
   group of them (:meth:`~Distiller.optimizer`, each with its own settings from the config);
 * implements one outer iteration (:meth:`Distiller.step`) and, when it learns more than images and
-  hard labels, how its state becomes a synthetic set (:meth:`Distiller.to_synset`).
+  hard labels, how its state becomes a synthetic set (:meth:`Distiller.to_synset`);
+* optionally reports extra numbers per step (:meth:`Distiller.metrics`) and writes its own files in the
+  run folder (:meth:`Distiller.write_artifacts`, e.g. a generator and sample grids).
+
+The initial images come from the ``init`` setting, one of the sources registered in :data:`INITS`
+(``real``, ``noise``, ``file:PATH`` here; other modules add theirs, e.g. a generator file), so every
+method can start from any of them and no method is named here.
 
 The loop (:mod:`tinyset.methods.loop`) knows nothing else about a method: it checkpoints and
 restores every declared tensor, module and optimiser state together with the random generator, so
@@ -18,6 +24,7 @@ restores every declared tensor, module and optimiser state together with the ran
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -25,8 +32,16 @@ import torch.nn as nn
 
 from tinyset.augment import DSA
 from tinyset.data.base import DatasetInfo, RealPool
-from tinyset.errors import ConfigError, NumericalError
+from tinyset.data.zca import Zca
+from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.hparams import HParams, Row, Rule, Table, hp
+from tinyset.registry import Registry
+
+
+#: help of the ``init`` setting (checked by :func:`check_init` against the registry :data:`INITS`)
+INIT_HELP = ("initial synthetic images: real (random real images of the class), noise (Gaussian), file:PATH (the "
+             "first ipc per class of a synthetic-set file) or another registered source (`tinyset distill --help` "
+             "lists them)")
 
 
 @dataclass
@@ -35,8 +50,7 @@ class DistillConfig(HParams):
 
     iterations: int = hp(1000, "outer iterations", ge=1)
     model: str = hp("convnet", "network the method matches with (see `tinyset models`)")
-    init: str = hp("real", "initial synthetic images: random real images of the class, or Gaussian noise",
-                   choices=("real", "noise"))
+    init: str = hp("real", INIT_HELP)
     lr_img: float = hp(1.0, "learning rate of the synthetic images", gt=0)
     momentum_img: float = hp(0.5, "SGD momentum of the synthetic images", ge=0, lt=1)
     batch_real: int = hp(256, "real images per class per iteration", ge=1, le=65536)
@@ -44,12 +58,15 @@ class DistillConfig(HParams):
                                   optional=True)
     final_eval: str = hp("dsa", "protocol of the test evaluation after the run (see `tinyset evaluate --help`)",
                          choices=("quick", "dsa", "noaug"))
+    zca: bool = hp(False, "distil on ZCA-whitened real images (fitted on the run's training images, eps 0.1 as "
+                          "in MTT); the set stores the transform and evaluation whitens the test images with it")
 
 
 @dataclass
 class DistillContext:
     """What a method is given: the dataset's description, the real images, ipc, device, precision,
-    the augmentation (``None`` when off)."""
+    the augmentation (``None`` when off) and the ZCA whitening already applied to ``pool``
+    (``None``: not whitened; see :func:`whiten_pool`)."""
 
     info: DatasetInfo
     pool: RealPool
@@ -57,6 +74,17 @@ class DistillContext:
     device: torch.device
     precision: str
     augment: DSA | None
+    zca: Zca | None = None
+
+
+def whiten_pool(ctx: DistillContext) -> Zca:
+    """ZCA-whiten ``ctx.pool`` in place (no second copy of the real images) with a transform fitted
+    on its images, record it as ``ctx.zca`` and return it; a context already whitened keeps its
+    transform (whitening twice would be wrong)."""
+    if ctx.zca is None:
+        ctx.zca = Zca.fit(ctx.pool.images)
+        ctx.zca.whiten(ctx.pool.images, inplace=True)
+    return ctx.zca
 
 
 class Distiller:
@@ -80,6 +108,10 @@ class Distiller:
         self.tensors: dict[str, torch.Tensor] = {}
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        if not cfg.zca and ctx.zca is not None:
+            raise ConfigError("the real pool of this context is ZCA-whitened but the run has zca=false")
+        #: the run's ZCA whitening (``zca=true``): the pool and the synthetic images live in its space
+        self.zca: Zca | None = whiten_pool(ctx) if cfg.zca else None
 
     # ------------------------------------------------------------------ declarations
     def learnable(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -117,12 +149,34 @@ class Distiller:
 
     def to_synset(self, meta: dict[str, Any]) -> Any:
         """The synthetic set this state stands for. The default: the ``images`` with hard labels,
-        class by class, and a learned ``lr`` when one is declared."""
+        class by class, a learned ``lr`` when one is declared and the run's ZCA transform."""
         from tinyset.synset import SyntheticSet
 
         lr = self.tensors.get("lr")
         return SyntheticSet(self.tensors["images"].detach().cpu(), self.hard_labels(), self.info,
-                            lr=float(lr.detach()) if lr is not None else None, meta=meta)
+                            lr=float(lr.detach()) if lr is not None else None, meta=meta, zca=self.zca)
+
+    def synset(self, meta: dict[str, Any]) -> Any:
+        """What the loop saves and evaluates: :meth:`to_synset`, carrying the run's ZCA transform
+        even when a method's own ``to_synset`` leaves it out (its images are whitened all the same)."""
+        import dataclasses
+
+        synset = self.to_synset(meta)
+        if self.zca is not None and synset.zca is None:
+            synset = dataclasses.replace(synset, zca=self.zca)
+        return synset
+
+    def metrics(self) -> dict[str, float]:
+        """Extra numbers of the last :meth:`step` (e.g. the losses of two networks), recorded under
+        ``"metrics"`` in the run's ``metrics.jsonl``. The default: none."""
+        return {}
+
+    def write_artifacts(self, out_dir: Path, iteration: int, final: bool) -> None:
+        """Write the method's own files in the run folder (e.g. a generator and sample grids). The loop
+        calls it after every iteration (after that iteration's checkpoint, if any) and once more with
+        ``final=True`` after ``synset.safetensors``; the method decides how often it writes. It must not
+        draw from the run's generator or change the declared state (resume stays bit-exact). The
+        default: nothing."""
 
     # ------------------------------------------------------------------ shared pieces
     @property
@@ -134,11 +188,14 @@ class Distiller:
         return torch.arange(self.info.num_classes).repeat_interleave(self.ipc)
 
     def initial_images(self, gen: torch.Generator) -> torch.Tensor:
-        """``ipc`` images per class: random real ones (``init=real``) or standard Gaussian noise."""
-        if self.cfg.init == "real":
-            return torch.cat([self.pool.sample_class(c, self.ipc, gen) for c in range(self.info.num_classes)])
-        c, (h, w) = self.info.channels, self.info.image_size
-        return torch.randn(self.info.num_classes * self.ipc, c, h, w, generator=gen).to(self.device)
+        """``ipc`` images per class, class by class, from the ``init`` source (see :data:`INITS`)."""
+        name, argument = parse_init(self.cfg.init)
+        images = INITS.get(name).make(self, argument, gen)
+        k, (c, (h, w)) = self.info.num_classes, (self.info.channels, self.info.image_size)
+        if tuple(images.shape) != (k * self.ipc, c, h, w):  # a source's own bug, not bad input
+            raise RuntimeError(f"init={self.cfg.init!r} made images of shape {tuple(images.shape)}, expected "
+                               f"{(k * self.ipc, c, h, w)}")
+        return images.to(self.device)
 
     def siamese(self, real: torch.Tensor, syn: torch.Tensor, gen: torch.Generator,
                 real_groups: torch.Tensor, syn_groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,4 +252,161 @@ class Distiller:
                               f"{', '.join(MODELS.names())}")
 
 
-__all__ = ["Distiller", "DistillConfig", "DistillContext", "Row", "Rule", "Table", "hp"]
+# ---------------------------------------------------------------------------------- initialisation sources
+@dataclass(frozen=True)
+class InitSource:
+    """One way to make a run's initial synthetic images, registered in :data:`INITS`.
+
+    ``init=NAME`` (``real``, ``noise``) or ``init=NAME:ARGUMENT`` (``file:PATH``, and the sources other
+    modules register, e.g. a generator file) selects it for any method. ``make(distiller, argument,
+    gen)`` returns ``ipc`` normalised images per class, class by class, drawing every random number
+    from ``gen``; ``check(argument, info, ipc)`` refuses bad input before any data is read (``info`` is
+    the dataset's description when it is known without reading it, else ``None``). ``form`` is how
+    the setting is written (``file:PATH``), ``help`` one line for ``--help``.
+    """
+
+    make: Callable[["Distiller", str, torch.Generator], torch.Tensor]
+    form: str
+    help: str
+    check: Callable[[str, DatasetInfo | None, int], None] | None = None
+
+    @property
+    def takes_argument(self) -> bool:
+        return ":" in self.form
+
+
+#: initialisation sources: name -> :class:`InitSource` (``init=NAME`` or ``init=NAME:ARGUMENT``)
+INITS: Registry = Registry("initialisation")
+_INIT_ORDER: list[str] = []
+
+
+def register_init(name: str, source: InitSource) -> InitSource:
+    """Register an initialisation source (the order of registration is the order messages list them)."""
+    INITS.register(name, source, help=source.help)
+    _INIT_ORDER.append(INITS._key(name))
+    return source
+
+
+def init_forms() -> list[str]:
+    """How every registered source is written (``real``, ``noise``, ``file:PATH``, ...)."""
+    return [INITS.get(n).form for n in _INIT_ORDER]
+
+
+def parse_init(spec: str) -> tuple[str, str]:
+    """``"file:x.safetensors"`` -> ``("file", "x.safetensors")``; ``"real"`` -> ``("real", "")``.
+
+    Only the text before the first ``:`` names the source; the rest (a path) is kept as written.
+    """
+    name, sep, argument = str(spec).partition(":")
+    key = INITS._key(name) if name.strip() else ""
+    known = ", ".join(repr(f) for f in init_forms())
+    if key not in INITS:
+        raise ConfigError(f"init={spec!r} is not a known initialisation: expected one of {known}")
+    source: InitSource = INITS.get(key)
+    if source.takes_argument and not argument.strip():
+        raise ConfigError(f"init={spec!r}: expected {source.form} ({source.help})")
+    if not source.takes_argument and sep:
+        raise ConfigError(f"init={spec!r}: {key!r} takes no argument; expected one of {known}")
+    return key, argument
+
+
+def check_init(spec: str, dataset: str, ipc: int, origin: str = "") -> None:
+    """Check the ``init`` setting before any data is read: a registered source, well formed, and
+    whatever the source can check against the dataset's known description (a file that exists, of
+    this dataset, with enough images). The message names the setting and where it came from."""
+    from tinyset.data.base import get_spec
+    from tinyset.errors import TinysetError
+
+    where = f" ({origin})" if origin else ""
+    try:
+        name, argument = parse_init(spec)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"init={spec!r}", f"init={spec!r}{where}", 1)) from None
+    source: InitSource = INITS.get(name)
+    if source.check is None:
+        return
+    info = None
+    if ":" not in dataset:  # a family dataset (imagefolder:PATH) is checked when the run starts
+        try:
+            info = get_spec(dataset).info
+        except TinysetError:  # not a registered dataset (a test's own): checked when the run starts
+            info = None
+    try:
+        source.check(argument, info, ipc)
+    except (ConfigError, ArtifactError) as exc:
+        raise type(exc)(f"init={spec}{where}: {exc}") from None
+
+
+def _init_real(d: "Distiller", argument: str, gen: torch.Generator) -> torch.Tensor:
+    return torch.cat([d.pool.sample_class(c, d.ipc, gen) for c in range(d.info.num_classes)])
+
+
+def _init_noise(d: "Distiller", argument: str, gen: torch.Generator) -> torch.Tensor:
+    c, (h, w) = d.info.channels, d.info.image_size
+    return torch.randn(d.info.num_classes * d.ipc, c, h, w, generator=gen).to(d.device)
+
+
+def check_init_images(path: Any, file_info: DatasetInfo, counts: list[int], info: DatasetInfo, ipc: int,
+                      what: str = "synthetic set") -> None:
+    """Refuse a file of another dataset, of other image shapes or with fewer than ``ipc`` images of a
+    class (``counts``: images per class the file can give). Messages name the file and both values."""
+    if file_info.name != info.name:
+        raise ConfigError(f"{path}: {what} of dataset {file_info.name!r}; this run distils {info.name!r}")
+    have = (file_info.channels, *file_info.image_size)
+    want = (info.channels, *info.image_size)
+    if have != want:
+        raise ConfigError(f"{path}: {what} with images of [C, H, W] = {list(have)}; dataset {info.name!r} has "
+                          f"{list(want)}")
+    if file_info.num_classes != info.num_classes:
+        raise ConfigError(f"{path}: {what} with {file_info.num_classes} classes; dataset {info.name!r} has "
+                          f"{info.num_classes}")
+    for c, n in enumerate(counts):
+        if n < ipc:
+            raise ConfigError(f"{path}: {what} has {n} image(s) of class {c} ({info.class_names[c]!r}); ipc={ipc} "
+                              f"needs at least {ipc} of every class")
+
+
+def renormalize(images: torch.Tensor, src: DatasetInfo, dst: DatasetInfo) -> torch.Tensor:
+    """Normalised images of ``src`` in the normalisation of ``dst`` (exact, affine, not clamped)."""
+    if tuple(src.mean) == tuple(dst.mean) and tuple(src.std) == tuple(dst.std):
+        return images
+    shape = (1, -1, 1, 1)
+    mean_s, std_s = torch.tensor(src.mean).view(shape), torch.tensor(src.std).view(shape)
+    mean_d, std_d = torch.tensor(dst.mean).view(shape), torch.tensor(dst.std).view(shape)
+    return ((images * std_s + mean_s) - mean_d) / std_d
+
+
+def _load_init_synset(path: str):
+    from tinyset.synset import SyntheticSet
+
+    return SyntheticSet.load(path)
+
+
+def _check_init_file(argument: str, info: DatasetInfo | None, ipc: int) -> None:
+    synset = _load_init_synset(argument)
+    if info is not None:
+        check_init_images(argument, synset.info, synset.class_counts(), info, ipc)
+
+
+def _init_file(d: "Distiller", argument: str, gen: torch.Generator) -> torch.Tensor:
+    """The first ``ipc`` images of every class of a synthetic-set file (by hard label, in file order)."""
+    try:
+        synset = _load_init_synset(argument)
+        check_init_images(argument, synset.info, synset.class_counts(), d.info, d.ipc)
+    except (ConfigError, ArtifactError) as exc:
+        raise type(exc)(f"init=file:{argument}: {exc}") from None
+    images = torch.cat([synset.class_images(c)[:d.ipc] for c in range(d.info.num_classes)])
+    if synset.zca is None and d.zca is None:
+        return renormalize(images, synset.info, d.info)
+    images = renormalize(synset.zca.unwhiten(images) if synset.zca is not None else images, synset.info, d.info)
+    return d.zca.whiten(images) if d.zca is not None else images  # from the file's space to the run's
+
+
+register_init("real", InitSource(_init_real, "real", "random real images of the class"))
+register_init("noise", InitSource(_init_noise, "noise", "standard Gaussian noise"))
+register_init("file", InitSource(_init_file, "file:PATH", "the first ipc images per class of a synthetic-set "
+                                 "file (.safetensors) of the same dataset", _check_init_file))
+
+
+__all__ = ["Distiller", "DistillConfig", "DistillContext", "whiten_pool", "Row", "Rule", "Table", "hp", "INITS", "InitSource",
+           "register_init", "parse_init", "check_init", "init_forms", "check_init_images", "renormalize"]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
-from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
+from tinyset.methods.base import INIT_HELP, DistillConfig, Distiller, Row, Rule, Table, hp
 from tinyset.models import TinyNet, create_model
 from tinyset.models.layers import Conv2d, Linear, init_parameters
 from tinyset.rng import derive_seed, make_generator
@@ -191,8 +191,7 @@ _REF = "VICO-UoE/DatasetCondensation"
 @dataclass
 class DCConfig(DistillConfig):
     iterations: int = hp(1000, "outer iterations (each: a fresh network, outer_loop image updates)", ge=1)
-    init: str = hp("noise", "initial synthetic images: random real images of the class, or Gaussian noise",
-                   choices=("real", "noise"))
+    init: str = hp("noise", INIT_HELP)
     lr_img: float = hp(0.1, "learning rate of the synthetic images", gt=0)
     lr_net: float = hp(0.01, "learning rate of the network's inner updates", gt=0)
     batch_train: int = hp(256, "batch size of the network's inner updates", ge=1)

@@ -8,6 +8,7 @@ Run folder::
     checkpoint.safetensors  every declared tensor, module and optimiser state, the generator, iteration
     metrics.jsonl           one line per iteration: iteration, loss, seconds (+ validation evaluations)
     init.png / final.png    image grids, one row per class
+    (method's own files)    whatever a method writes in Distiller.write_artifacts (e.g. a generator, samples)
     synset.safetensors      the final synthetic set
     eval.json               the final test evaluation, when one is run
 """
@@ -31,7 +32,7 @@ from tinyset.errors import ArtifactError, ConfigError, Interrupted, NumericalErr
 from tinyset.files import RunLock, atomic_path, clean_stale_temps, read_jsonl, rewrite_jsonl, write_json
 from tinyset.hparams import Resolved, resolve
 from tinyset.methods import METHODS
-from tinyset.methods.base import DistillContext, Distiller
+from tinyset.methods.base import DistillContext, Distiller, check_init
 from tinyset.results import DistillationResult
 from tinyset.rng import make_generator
 from tinyset.runtime import resolve_precision
@@ -53,6 +54,7 @@ def resolve_config(method: str, dataset: str, ipc: int, preset: str = "cpu", con
     res = resolve(cls.Config, dataset=dataset, ipc=ipc, profile=preset, table=cls.paper, cpu_rule=cls.cpu_rule,
                   file=config_file, sets=sets, flags=flags, complete=cls.complete)
     cls.check_config(res.values)
+    check_init(res.values.init, dataset, ipc, res.sources.get("init", ""))
     return res
 
 
@@ -278,7 +280,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
         rewrite_jsonl(metrics_path, [r for r in records if r.get("iteration", 0) <= start_it])
     elif not resume:
         metrics_path.write_text("")
-        save_grid(impl.to_synset({}), out / "init.png")
+        save_grid(impl.synset({}), out / "init.png")
     saved = {"iteration": start_it if resume else None}  # the checkpoint on disk for this run
 
     val_proto = Protocol.preset("quick") if eval_every > 0 else None
@@ -299,10 +301,13 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                 it += 1
                 rec: dict[str, Any] = {"iteration": it, "loss": loss,
                                        "seconds": elapsed0 + time.perf_counter() - t0}
+                extra = impl.metrics()
+                if extra:
+                    rec["metrics"] = extra
                 if val is not None and val_proto is not None and (it % eval_every == 0 or it == iterations):
-                    current = impl.to_synset({})
+                    current = impl.synset({})
                     res = evaluate_tensors(current.images, current.labels, info, val, protocol=val_proto,
-                                           seed=seed, device=device, learned_lr=current.lr)
+                                           seed=seed, device=device, learned_lr=current.lr, zca=current.zca)
                     r = res.results[0]
                     last_eval = {"split": "validation", "protocol": "quick", "mean": r.mean, "std": r.std}
                     rec["eval"] = last_eval
@@ -313,6 +318,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                 if it % checkpoint_every == 0 or it == iterations or stop.signum is not None:
                     save_checkpoint(ckpt_path, impl, gen, it, config, identity, rec["seconds"])
                     saved["iteration"] = it
+                impl.write_artifacts(out, it, final=False)
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, f"stopped by signal {stop.signum} after iteration {it}; "
                                                    f"checkpoint saved to {ckpt_path}; continue with --resume")
@@ -325,9 +331,10 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
     wall = elapsed0 + time.perf_counter() - t0
     meta = {"method": key, "config": cfg.to_dict(), "config_sources": config.sources, "seed": seed,
             "iterations": it, "wall_time_s": wall}
-    synset = impl.to_synset(meta)
+    synset = impl.synset(meta)
     synset.save(out / "synset.safetensors")
     save_grid(synset, out / "final.png")
+    impl.write_artifacts(out, it, final=True)
     result = DistillationResult(method=key, dataset=info.name, ipc=ipc, seed=seed, iterations=it, wall_time_s=wall,
                                 out_dir=str(out), config=cfg.to_dict(), config_sources=dict(config.sources),
                                 final_loss=loss if it > start_it else None, synset=synset)

@@ -15,7 +15,7 @@ from tinyset.hparams import resolve
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillContext
 from tinyset.methods.loop import distill, load_checkpoint, resolve_config
-from tinyset.methods.mtt import MTTConfig, TrajectoryMatching, unroll_loss
+from tinyset.methods.mtt import MTTConfig, Student, TrajectoryMatching, unroll_loss
 from tinyset.models import create_model
 from tinyset.rng import make_generator
 from tinyset.synset import SyntheticSet
@@ -39,6 +39,7 @@ def experts(tmp_path_factory, digits):
 
 
 def _sets(experts, **kw):
+    kw = {"compile": "off", **kw}  # tests stay fast: no torch.compile start-up
     return {"experts": str(experts), "model": MODEL, **{k: str(v) for k, v in kw.items()}}
 
 
@@ -237,3 +238,216 @@ def test_learned_lr_protocol_uses_the_sets_lr():
 
     proto = Protocol.preset("dsa-learned-lr")
     assert proto.lr is None and proto.epochs == 1000 and "learned" in proto.source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# unroll_loss: soft labels, parameter masks, and the exact low-memory (recompute) path
+
+def _unroll_case(dtype=torch.float32, model="convnet-d2", width=6, n=20, k=10, seed=0):
+    """A tiny student on digits-sized images: network, flat start and target, images and soft-label logits."""
+    g = make_generator(seed)
+    net = create_model(model, 1, k, 8, generator=make_generator(1), width=width).to(dtype)
+    net.requires_grad_(False)
+    start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=dtype)
+    images = torch.randn(n, 1, 8, 8, generator=g, dtype=dtype)
+    logits = torch.randn(n, k, generator=g, dtype=dtype)
+    return net, start, target, images, logits
+
+
+def _grads(net, start, target, images, logits, memory, soft=True, match=None, augment=None, steps=5, batch=8,
+           lr_value=0.05, seed=3):
+    """Loss and the gradients delivered to images, lr and (soft-label) logits by ``loss.backward()``."""
+    img = images.clone().requires_grad_(True)
+    lr = torch.tensor(lr_value, dtype=images.dtype, requires_grad=True)
+    lg = logits.clone().requires_grad_(True)
+    labels = torch.softmax(lg, 1) if soft else torch.arange(logits.shape[1]).repeat(len(images) // logits.shape[1])
+    loss = unroll_loss(net, img, labels, lr, start, target, steps, batch, make_generator(seed), augment, match=match,
+                       memory=memory)
+    loss.backward()
+    return loss.detach(), img.grad, lr.grad, (lg.grad if soft else None)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_recompute_path_equals_full_path(soft, mask):
+    """Loss and gradients (images, lr, soft labels) of the recompute path equal the full graph's, DSA on."""
+    net, start, target, images, logits = _unroll_case()
+    g = make_generator(9)
+    match = {"none": None, "bool": torch.rand(start.shape, generator=g) > 0.4,
+             "float": torch.rand(start.shape, generator=g)}[mask]
+    aug = DSA(default_strategy("digits"))
+    full = _grads(net, start, target, images, logits, "full", soft, match, aug)
+    rec = _grads(net, start, target, images, logits, "recompute", soft, match, aug)
+    assert float(full[0]) != 1.0 and abs(float(full[2])) > 1e-4  # a real unroll with a real lr gradient
+    assert float(rec[0]) == pytest.approx(float(full[0]), rel=1e-5)
+    assert float(rec[2]) == pytest.approx(float(full[2]), rel=1e-5)
+    assert _rel(rec[1], full[1]) < 1e-5 and float(full[1].norm()) > 0
+    if soft:
+        assert _rel(rec[3], full[3]) < 1e-5 and float(full[3].norm()) > 0
+    # the graph of the recompute path holds one node: the unroll, not one per student step
+    img = images.clone().requires_grad_(True)
+    loss = unroll_loss(net, img, torch.arange(10).repeat(2), torch.tensor(0.05), start, target, 5, 8,
+                       make_generator(3), aug, memory="recompute")
+    assert type(loss.grad_fn).__name__ == "_RecomputeUnrollBackward"
+
+
+def test_recompute_path_with_batchnorm_and_no_augmentation():
+    """BatchNorm in train mode (batch statistics; running statistics written into copies): both paths agree and
+    the network's buffers are left alone."""
+    net, start, target, images, logits = _unroll_case(model="convnet-bn")
+    before = {k: v.clone() for k, v in net.named_buffers()}
+    full = _grads(net, start, target, images, logits, "full", soft=False)
+    rec = _grads(net, start, target, images, logits, "recompute", soft=False)
+    assert float(rec[0]) == pytest.approx(float(full[0]), rel=1e-5)
+    assert float(rec[2]) == pytest.approx(float(full[2]), rel=1e-5)
+    assert _rel(rec[1], full[1]) < 1e-5
+    for k, v in net.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("memory", ["full", "recompute"])
+def test_lr_and_soft_label_gradients_match_finite_differences(memory):
+    """In float64, with a parameter mask and soft labels: d loss / d lr and d loss / d logits against central
+    differences, on both paths."""
+    net, start, target, images, logits = _unroll_case(torch.float64, width=3, n=10, k=5, seed=4)
+    match = torch.zeros(start.shape, dtype=torch.bool)
+    match[start.numel() // 3:] = True  # the deeper share of the parameters, as PAD matches
+
+    def value(lr, lg):
+        labels = torch.softmax(lg, 1)
+        return float(unroll_loss(net, images, labels, torch.tensor(lr, dtype=torch.float64), start, target, 4, 6,
+                                 make_generator(11), match=match, memory=memory).detach())
+
+    loss, _, g_lr, g_lg = _grads(net, start, target, images, logits, memory, True, match, None, steps=4, batch=6,
+                                 lr_value=0.3, seed=11)
+    h = 1e-6
+    fd_lr = (value(0.3 + h, logits) - value(0.3 - h, logits)) / (2 * h)
+    assert abs(float(g_lr)) > 1e-3
+    assert float(g_lr) == pytest.approx(fd_lr, rel=1e-6, abs=1e-10)
+    for idx in [(0, 1), (4, 0), (9, 4)]:
+        e = torch.zeros_like(logits)
+        e[idx] = h
+        fd = (value(0.3, logits + e) - value(0.3, logits - e)) / (2 * h)
+        assert float(g_lg[idx]) == pytest.approx(fd, rel=1e-5, abs=1e-10), idx
+    assert float(g_lg.abs().max()) > 1e-5
+
+
+def test_match_mask_splits_the_distance():
+    """The loss is ||m*(theta_N - target)||^2 / ||m*(start - target)||^2: for a mask m and its complement (same
+    draws, so the same theta_N) the weighted parts add up to the unmasked distance; a constant weight cancels."""
+    net, start, target, images, logits = _unroll_case()
+    labels = torch.arange(10).repeat(2)
+    m = torch.zeros(start.shape, dtype=torch.bool)
+    m[: start.numel() // 2] = True
+
+    def loss(match):
+        return float(unroll_loss(net, images, labels, torch.tensor(0.05), start, target, 4, 8, make_generator(2),
+                                 match=match).detach())
+
+    def denom(w):
+        return float((((start - target) * w) ** 2).sum())
+
+    ones = torch.ones(start.shape)
+    whole, part, rest = loss(None), loss(m), loss(~m)
+    assert part != pytest.approx(rest, rel=1e-3)  # the two halves really differ
+    assert part * denom(m.float()) + rest * denom((~m).float()) == pytest.approx(whole * denom(ones), rel=1e-5)
+    assert loss(3.0 * ones) == pytest.approx(whole, rel=1e-6)
+
+
+def test_one_hot_soft_labels_equal_hard_labels():
+    net, start, target, images, _ = _unroll_case()
+    hard = torch.arange(10).repeat(2)
+    soft = torch.nn.functional.one_hot(hard, 10).float()
+    for memory in ("full", "recompute"):
+        out = []
+        for labels in (hard, soft):
+            img = images.clone().requires_grad_(True)
+            loss = unroll_loss(net, img, labels, torch.tensor(0.05), start, target, 3, 8, make_generator(5),
+                               memory=memory)
+            loss.backward()
+            out.append((float(loss.detach()), img.grad))
+        assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+        assert _rel(out[1][1], out[0][1]) < 1e-5
+
+
+def test_bad_labels_masks_and_memory_fail_cleanly():
+    net, start, target, images, logits = _unroll_case()
+    lr = torch.tensor(0.05)
+
+    def call(labels, **kw):
+        return unroll_loss(net, images, labels, lr, start, target, 2, None, make_generator(0), **kw)
+
+    with pytest.raises(ConfigError, match=r"pass logits through softmax first\); row 0 sums to 3"):
+        call(logits)
+    with pytest.raises(ConfigError, match=r"soft labels must be probability rows of shape \[20, 10\].*\(20, 3\)"):
+        call(torch.full((20, 3), 1 / 3))
+    with pytest.raises(ConfigError, match=r"hard labels must be class indices of shape \[20\]; got \(19,\)"):
+        call(torch.zeros(19, dtype=torch.int64))
+    with pytest.raises(ConfigError, match=rf"match must be a bool or float mask over the {start.numel()} flat "
+                                          r"parameters; got torch.int64 with 3 values"):
+        call(torch.arange(10).repeat(2), match=torch.arange(3))
+    with pytest.raises(NumericalError, match="identical on the matched parameters"):
+        call(torch.arange(10).repeat(2), match=torch.zeros(start.shape, dtype=torch.bool))
+    with pytest.raises(ConfigError, match=r"memory='low': expected one of full, recompute"):
+        call(torch.arange(10).repeat(2), memory="low")
+
+
+def test_bf16_student_stays_close_to_fp32():
+    """The student under bf16 autocast (the run's precision where native): same loss to a few 1e-3."""
+    net, start, target, images, logits = _unroll_case(width=8)
+    labels = torch.arange(10).repeat(2)
+    values = {}
+    for prec in ("fp32", "bf16"):
+        img = images.clone().requires_grad_(True)
+        loss = unroll_loss(Student(net, precision=prec), img, labels, torch.tensor(0.05), start, target, 4, 8,
+                           make_generator(6), memory="recompute")
+        loss.backward()
+        values[prec] = (float(loss.detach()), img.grad)
+    assert values["bf16"][0] == pytest.approx(values["fp32"][0], rel=5e-3)
+    cos = float((values["bf16"][1] * values["fp32"][1]).sum() / values["bf16"][1].norm() / values["fp32"][1].norm())
+    assert cos > 0.95
+
+
+@pytest.mark.slow
+def test_compiled_student_matches_eager():
+    """torch.compile'd step functions (the CPU default of long runs): same loss and nearly the same gradients."""
+    net, start, target, images, logits = _unroll_case(width=8)
+    aug = DSA(default_strategy("digits"))
+    eager = _grads(net, start, target, images, logits, "recompute", True, None, aug)
+    comp = _grads(Student(net, compile=True), start, target, images, logits, "recompute", True, None, aug)
+    assert float(comp[0]) == pytest.approx(float(eager[0]), rel=1e-5)
+    assert float(comp[2]) == pytest.approx(float(eager[2]), rel=1e-3)
+    assert _rel(comp[1], eager[1]) < 1e-2 and _rel(comp[3], eager[3]) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the distiller's memory and compile settings
+
+def test_memory_setting_chooses_the_path_and_both_give_the_same_run(digits, experts):
+    a = _method(digits, experts, ipc=2, memory="full")
+    b = _method(digits, experts, ipc=2, memory="recompute")
+    assert (a.cfg.memory, b.cfg.memory) == ("full", "recompute") and not b.wants_compile()
+    ga, gb = make_generator(4), make_generator(4)
+    for _ in range(3):
+        la, lb = a.step(ga), b.step(gb)
+        assert lb == pytest.approx(la, rel=1e-5)
+    assert _rel(b.images.detach() - b.initial_images(make_generator(0)),
+                a.images.detach() - a.initial_images(make_generator(0))) < 1e-4
+    assert float(b.tensors["lr"].detach()) == pytest.approx(float(a.tensors["lr"].detach()), rel=1e-6)
+
+
+def test_memory_and_compile_settings(experts):
+    v = resolve(MTTConfig, dataset="mnist", ipc=10, profile="cpu", table=TrajectoryMatching.paper,
+                cpu_rule=TrajectoryMatching.cpu_rule)
+    assert (v.values.memory, v.values.compile) == ("recompute", "auto")
+    d = resolve_config("mtt", "digits", 10, "cpu", sets={"experts": str(experts), "model": MODEL})
+    assert (d.values.memory, d.values.compile) == ("full", "off") and d.sources["memory"].startswith("cpu: ")
+    with pytest.raises(ConfigError, match=r"compile=on needs memory=recompute"):
+        resolve_config("mtt", "digits", 1, "cpu", sets=_sets(experts, memory="full", compile="on"))
+    with pytest.raises(ConfigError, match=r"memory"):
+        resolve_config("mtt", "digits", 1, "cpu", sets=_sets(experts, memory="low"))

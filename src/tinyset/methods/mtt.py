@@ -14,24 +14,42 @@ with ``--set experts=DIR`` (or ``experts = "DIR"`` in a ``--config`` file). Ever
 4. update the images (SGD, ``lr_img``, momentum ``momentum_img`` = 0.5) and the lr (its own SGD,
    ``lr_lr``, momentum ``momentum_lr`` = 0.5), both from the same backward pass.
 
-The student runs functionally on one flat parameter vector (:func:`torch.func.functional_call` on a
-single network object built once; the vector is split into views of the parameters' shapes), so
-the unrolled steps are ordinary differentiable tensor operations: each step's gradient is taken
-with ``create_graph=True`` and the final loss is differentiated through all of them.
+The student runs functionally on one flat parameter vector (:class:`Student`:
+:func:`torch.func.functional_call` on a single network object built once; the vector is split into
+views of the parameters' shapes), so the unrolled steps are ordinary tensor operations. Soft labels
+(probability rows) and a mask over the matched parameters are supported by :func:`unroll_loss` for
+methods built on it (PAD); MTT itself uses hard labels and every parameter.
 
-Cost: like the reference, the autograd graph of all ``syn_steps`` student steps (their forward
-activations and first-order backward) stays in memory until the loss is differentiated, so peak
-memory grows linearly with ``syn_steps * batch_syn`` (times the activation size of the network);
-lower ``syn_steps`` or set ``batch_syn`` when memory is short. The learned ``lr`` is stored in the
+Two exact ways to differentiate the unroll (``memory``):
+
+* ``full``: as the reference, each step's gradient is taken with ``create_graph=True`` and the final
+  loss is differentiated through all of them; the autograd graph of all ``syn_steps`` student steps
+  (forward activations and first-order backward) stays in memory, so peak memory grows linearly
+  with ``syn_steps * batch_syn`` (times the activation size of the network);
+* ``recompute`` (the default): the unroll runs forward without a graph, keeping only the
+  ``syn_steps + 1`` flat parameter vectors and each step's minibatch indices and DSA parameters;
+  the backward pass walks the steps in reverse, recomputes one step at a time and carries the
+  adjoint back with a Hessian-vector product (the memory-saving recomputation TESLA, Cui et al.
+  2023, describes for MTT; our own implementation). Memory no longer grows with ``syn_steps``
+  (beyond one parameter vector per step); the price is one more forward and first-order backward
+  of the student per step. Its per-step functions are pure, so on CPU they are compiled with
+  :func:`torch.compile` (``compile``; the full path's double backward through a graph cannot be
+  compiled), which more than pays for that extra work on runs of a few hundred iterations.
+
+Gradients of both paths agree to rounding (tested to 1e-5 relative, eager fp32). The student runs
+under the run's ``precision``: bf16 autocast where the CPU has native bf16 (``auto``), losses and
+the parameter vectors in fp32. On MNIST with a trained expert, bf16 moved the first loss by about
+3e-3 relative against fp32; the unrolled gradients through InstanceNorm are ill-conditioned enough
+that even compiled fp32 (other kernels, other rounding) moves image gradients by ~1e-2 relative.
+Set ``--precision fp32`` for the reference's arithmetic. The learned ``lr`` is stored in the
 synthetic set (:attr:`tinyset.synset.SyntheticSet.lr`); evaluation protocols with ``lr = null``
 train on it. The lr is learned directly (not through a log), as in the reference; if an update
 makes it zero or negative the run stops with a :class:`~tinyset.errors.NumericalError` (the last
 checkpoint is kept) and asks for a smaller ``lr_lr``.
 
-The student runs in fp32 whatever ``--precision`` says (second-order gradients in bf16 are not
-worth the risk). ZCA whitening, which the reference uses for most CIFAR rows, is not implemented in
-tinyset: expert sets record ``zca: false`` and the paper rows apply without it. ``batch_real`` is
-not used (MTT sees real images only through the experts and the ``init=real`` draw).
+ZCA whitening, which the reference uses for most CIFAR rows, is not implemented in tinyset: expert
+sets record ``zca: false`` and the paper rows apply without it. ``batch_real`` is not used (MTT
+sees real images only through the experts and the ``init=real`` draw).
 
 Architecture: the student is the experts' network (name and arguments from the expert set), and
 ``model`` must name the same architecture (a clear error otherwise). Deep ConvNets on tiny images
@@ -45,7 +63,6 @@ Random draws per iteration, in order: the expert, the start epoch, then for ever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -53,11 +70,17 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tinyset.augment import DSA
+from tinyset.augment.dsa import AugParams
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
+from tinyset.runtime import autocast
 
 _REF = "GeorgeCazenavette/mtt-distillation distill.py defaults (Cazenavette et al., CVPR 2022)"
+#: how :func:`unroll_loss` differentiates the unrolled student (see there)
+MEMORY_MODES = ("full", "recompute")
+#: compile the student's step functions when a run has at least this many iterations (CPU, ``compile=auto``)
+COMPILE_MIN_ITERATIONS = 100
 _TABLE = ("per-setting values the author provided, as listed by DC-BENCH methods/tm/readme.md "
           "(../shared/reference.md 1.3)")
 
@@ -76,13 +99,20 @@ class MTTConfig(DistillConfig):
     lr_teacher: float = hp(0.01, "initial value of the learnable student lr", gt=0)
     batch_syn: int | None = hp(None, "synthetic images per student step (none: all of them)", ge=1,
                                le=1_000_000, optional=True)
+    memory: str = hp("recompute", "how the unrolled student is differentiated: full (one autograd graph of all "
+                                  "syn_steps; memory grows with syn_steps) or recompute (exact, same gradients; keeps "
+                                  "only the syn_steps+1 parameter vectors and recomputes one step at a time "
+                                  "backwards; one more forward and backward of the student per step)",
+                     choices=MEMORY_MODES)
+    compile: str = hp("auto", "torch.compile the student's per-step functions (memory=recompute only; auto: on CPU "
+                              f"for runs of at least {COMPILE_MIN_ITERATIONS} iterations)", choices=("auto", "on", "off"))
 
 
 def _cpu_budget(values, dataset: str, ipc: int) -> dict:
     family = dataset.lower().partition(":")[0]
     if family == "digits":
         return {"model": "convnet-d2", "iterations": 200, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 5,
-                "final_eval": "quick"}
+                "final_eval": "quick", "memory": "full", "compile": "off"}
     if family in ("mnist", "fashion-mnist"):
         return {"model": "convnet-w32", "iterations": 200, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 8,
                 "batch_syn": min(ipc * 10, 50), "final_eval": "quick"}
@@ -108,50 +138,283 @@ def _early_dataset_check(values, dataset: str, ipc: int) -> dict:
     return {}
 
 
-def _unflatten(theta: torch.Tensor, names: Sequence[str], shapes: Sequence[torch.Size],
-               numels: Sequence[int]) -> dict[str, torch.Tensor]:
-    return {n: p.view(s) for n, p, s in zip(names, torch.split(theta, list(numels)), shapes)}
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against probability rows: ``mean_n -sum_k target[n, k] * log_softmax(logits)[n, k]``.
+
+    Equals ``F.cross_entropy(logits, y)`` when ``target`` is the one-hot encoding of ``y``; it is
+    differentiable in ``target`` as well (learned soft labels)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def unroll_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                start: torch.Tensor, target: torch.Tensor, syn_steps: int, batch_syn: int | None,
-                gen: torch.Generator, augment: DSA | None = None) -> torch.Tensor:
-    """The MTT loss of one start/target pair, differentiable in ``images`` and ``lr``.
+class Student:
+    """The student network of trajectory matching as pure functions of one flat parameter vector.
 
-    ``net`` supplies the function (its own parameter values are ignored): the student is the flat
-    vector ``start`` split in ``net.named_parameters()`` order, trained ``syn_steps`` SGD steps of
-    step size ``lr`` on ``(images, labels)`` (``batch_syn`` at a time, random order from ``gen``,
-    DSA from ``gen`` when ``augment``). Returns ``||theta_N - target||^2 / ||start - target||^2``.
+    ``net`` supplies the function only (its own parameter values are ignored): a vector ``theta``
+    is split into views of the parameters' shapes in ``net.named_parameters()`` order and run with
+    :func:`torch.func.functional_call`, so no module is rebuilt or reloaded per step. The network
+    runs under the autocast of ``precision`` (``"fp32"`` or ``"bf16"``, see
+    :func:`tinyset.runtime.autocast`); logits and the loss are computed in fp32.
+
+    * :meth:`loss`: the cross-entropy of a batch, hard (int64 ``[B]``) or soft labels (float
+      probability rows ``[B, K]``, :func:`soft_cross_entropy`);
+    * :meth:`grad`: ``d loss / d theta`` (:func:`torch.func.grad`);
+    * :meth:`vjp`: that gradient and its vector-Jacobian product with a cotangent ``a`` with respect
+      to ``theta`` (a Hessian-vector product), the batch's images and (optionally) its soft labels:
+      what the exact low-memory unroll needs for one step of its backward walk.
+
+    ``compile=True`` wraps :meth:`grad` and :meth:`vjp` in :func:`torch.compile` (static shapes: at
+    most two batch sizes per run, the full one and the last chunk). They return their derivatives
+    as values (:mod:`torch.func`), so autograd never differentiates through the compiled code; the
+    ``full`` unroll instead differentiates each step's backward pass again (``create_graph=True``),
+    which torch.compile does not support for a compiled network (no double backward).
     """
-    named = list(net.named_parameters())
-    names = [n for n, _ in named]
-    shapes = [p.shape for _, p in named]
-    numels = [p.numel() for _, p in named]
-    if start.numel() != sum(numels) or target.numel() != start.numel():
-        raise ArtifactError(f"expert parameters have {start.numel()}/{target.numel()} values, the network "
-                            f"has {sum(numels)}")
-    start = start.detach()
-    target = target.detach()
-    denom = ((start - target) ** 2).sum()
-    if not float(denom) > 0:
-        raise NumericalError("the expert's start and target parameters are identical (||theta*_t - "
-                             "theta*_{t+M}||^2 = 0); the expert set is broken (an epoch stored twice?)")
-    n = images.shape[0]
-    b = n if batch_syn is None else min(batch_syn, n)
-    theta = start.clone().requires_grad_(True)
+
+    def __init__(self, net: nn.Module, precision: str = "fp32", compile: bool = False):
+        named = list(net.named_parameters())
+        if not named:
+            raise ConfigError(f"the student network {type(net).__name__} has no parameters")
+        self.net = net
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.num_params = sum(self.numels)
+        self.num_classes = getattr(net, "num_classes", None)
+        self.device = named[0][1].device
+        self.precision = precision
+        self.compiled = bool(compile)
+        self._grad_fn = torch.func.grad(self.loss)
+        self.grad = torch.compile(self._grad_fn, dynamic=False) if compile else self._grad_fn
+        self.vjp = torch.compile(self._vjp, dynamic=False) if compile else self._vjp
+
+    def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``theta`` split into views named and shaped like the network's parameters, plus fresh copies
+        of the network's buffers: BatchNorm in train mode normalises with batch statistics and its
+        running-statistics update then writes into the copies (the network is left unchanged, and
+        :mod:`torch.func` transforms do not allow writes into captured tensors)."""
+        named = {n: p.view(s) for n, p, s in zip(self.names, torch.split(theta, self.numels), self.shapes)}
+        named.update({n: b.clone() for n, b in self.net.named_buffers()})
+        return named
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the network with parameters ``theta`` on ``(x, y)``."""
+        with autocast(self.device, self.precision):
+            out = functional_call(self.net, self.params(theta), (x,))
+        out = out.float() if out.dtype != theta.dtype else out
+        if y.is_floating_point():
+            return soft_cross_entropy(out, y.to(out.dtype))
+        return F.cross_entropy(out, y)
+
+    def _vjp(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor,
+             need_x: bool = True, need_y: bool = False):
+        """``(g, a^T dg/dtheta, a^T dg/dx or None, a^T dg/dy or None)`` with ``g = grad(theta, x, y)``
+        and ``a = cotangent``: one forward, one backward and their backward."""
+        if need_x and need_y:
+            g, pull = torch.func.vjp(self._grad_fn, theta, x, y)
+            return (g, *pull(cotangent))
+        if need_x:
+            g, pull = torch.func.vjp(lambda t, xx: self._grad_fn(t, xx, y), theta, x)
+            d_theta, d_x = pull(cotangent)
+            return g, d_theta, d_x, None
+        if need_y:
+            g, pull = torch.func.vjp(lambda t, yy: self._grad_fn(t, x, yy), theta, y)
+            d_theta, d_y = pull(cotangent)
+            return g, d_theta, None, d_y
+        g, pull = torch.func.vjp(lambda t: self._grad_fn(t, x, y), theta)
+        return g, pull(cotangent)[0], None, None
+
+
+@dataclass
+class _Unroll:
+    """Everything one unroll needs besides the differentiable inputs (images, labels, lr)."""
+
+    student: Student
+    start: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None  # the match mask/weight as floats, or None (every parameter)
+    denom: torch.Tensor
+    steps: list[tuple[torch.Tensor, AugParams | None]]  # minibatch indices and DSA parameters per step
+    augment: DSA | None
+
+    def distance(self, theta: torch.Tensor) -> torch.Tensor:
+        diff = theta - self.target
+        if self.weight is not None:
+            diff = diff * self.weight
+        return (diff * diff).sum() / self.denom
+
+    def batch(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        idx, prm = self.steps[k]
+        x = images[idx]
+        return self.augment.apply(x, prm) if prm is not None else x
+
+
+def _plan(n: int, b: int, syn_steps: int, gen: torch.Generator, augment: DSA | None, size: tuple[int, int],
+          device: torch.device) -> list[tuple[torch.Tensor, AugParams | None]]:
+    """The random draws of an unroll, in order: a permutation of the ``n`` images whenever the
+    previous one is used up (consecutive chunks of ``b``), and each step's DSA parameters."""
+    steps: list[tuple[torch.Tensor, AugParams | None]] = []
     chunks: list[torch.Tensor] = []
     for _ in range(syn_steps):
         if not chunks:
-            chunks = list(torch.randperm(n, generator=gen).to(images.device).split(b))
+            chunks = list(torch.randperm(n, generator=gen).to(device).split(b))
         idx = chunks.pop(0)
-        x, y = images[idx], labels[idx]
-        if augment:
-            x = augment(x, gen)
-        out = functional_call(net, _unflatten(theta, names, shapes, numels), (x,))
-        ce = F.cross_entropy(out, y)
+        steps.append((idx, augment.sample(len(idx), size, gen) if augment else None))
+    return steps
+
+
+def _full_unroll(u: _Unroll, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """One autograd graph over all steps (each step's gradient taken with ``create_graph=True``)."""
+    theta = u.start.clone().requires_grad_(True)
+    for k, (idx, _) in enumerate(u.steps):
+        ce = u.student.loss(theta, u.batch(images, k), labels[idx])
         (grad,) = torch.autograd.grad(ce, theta, create_graph=True)
         theta = theta - lr * grad
-    return ((theta - target) ** 2).sum() / denom
+    return u.distance(theta)
+
+
+class _RecomputeUnroll(torch.autograd.Function):
+    """The exact low-memory unroll: forward without a graph, backward one step at a time.
+
+    Forward: ``theta_{k+1} = theta_k - lr * g_k`` with ``g_k = grad CE(theta_k; x_k, y_k)``, keeping
+    only the flat vectors ``theta_0..theta_N`` (the minibatch indices and DSA parameters of every
+    step are already in the plan, so each batch can be rebuilt exactly). Backward (reverse-mode by
+    hand): with the adjoint ``a_N = dL/dtheta_N``, for ``k = N-1 .. 0``, from one recomputed step
+    (:meth:`Student.vjp`):
+
+    * ``dL/dlr   += -<a_{k+1}, g_k>``
+    * ``dL/dx_k   = -lr * (dg_k/dx_k)^T a_{k+1}``, carried back through the DSA transformation
+      (recomputed with autograd) into the images; likewise ``dL/dy_k`` into soft labels;
+    * ``a_k = a_{k+1} - lr * H_k a_{k+1}`` (``H_k`` the Hessian of the step's loss in ``theta``).
+    """
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, u: _Unroll) -> torch.Tensor:
+        images, labels, lr_value = images.detach(), labels.detach(), lr.detach()
+        thetas = [u.start]
+        theta = u.start
+        for k, (idx, _) in enumerate(u.steps):
+            theta = theta - lr_value * u.student.grad(theta, u.batch(images, k), labels[idx])
+            thetas.append(theta)
+        ctx.u, ctx.thetas = u, thetas
+        ctx.save_for_backward(images, labels, lr_value)
+        return u.distance(theta)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.u is None:
+            raise RuntimeError("the recompute unroll frees its parameter vectors in its backward pass: differentiate "
+                               "its loss once (retain_graph=True cannot keep them)")
+        u: _Unroll = ctx.u
+        thetas: list[torch.Tensor] = ctx.thetas
+        images, labels, lr = ctx.saved_tensors
+        need_img, need_lab, need_lr = ctx.needs_input_grad[:3]
+        need_lab = need_lab and labels.is_floating_point()
+        diff = thetas[-1] - u.target
+        if u.weight is not None:
+            diff = diff * (u.weight * u.weight)
+        a = diff * (2 * grad_out / u.denom)
+        d_images = torch.zeros_like(images) if need_img else None
+        d_labels = torch.zeros_like(labels) if need_lab else None
+        d_lr = torch.zeros((), dtype=a.dtype, device=a.device)
+        for k in range(len(u.steps) - 1, -1, -1):
+            idx, prm = u.steps[k]
+            raw = images[idx]
+            if need_img and prm is not None:
+                with torch.enable_grad():
+                    raw = raw.requires_grad_(True)
+                    x = u.augment.apply(raw, prm)
+                x_in = x.detach()
+            else:
+                x_in = u.batch(images, k)
+            g, d_theta, d_x, d_y = u.student.vjp(thetas[k], x_in, labels[idx], a, need_img, need_lab)
+            if need_lr:
+                d_lr = d_lr - (a * g).sum()
+            if need_img:
+                if prm is not None:
+                    (d_x,) = torch.autograd.grad(x, raw, d_x)
+                d_images.index_add_(0, idx, d_x, alpha=-float(lr))
+            if need_lab:
+                d_labels.index_add_(0, idx, d_y.to(labels.dtype), alpha=-float(lr))
+            a = a - lr * d_theta
+        ctx.u = ctx.thetas = None  # free the stored vectors
+        return d_images, d_labels, (d_lr.reshape(lr.shape).to(lr.dtype) if need_lr else None), None
+
+
+def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None) -> None:
+    if labels.is_floating_point():
+        if labels.dim() != 2 or labels.shape[0] != n or (num_classes is not None and labels.shape[1] != num_classes):
+            k = num_classes if num_classes is not None else "K"
+            raise ConfigError(f"soft labels must be probability rows of shape [{n}, {k}] (one per image); got "
+                              f"{tuple(labels.shape)}")
+        with torch.no_grad():
+            sums = labels.sum(1)
+            bad = ((sums - 1).abs() > 1e-3) | (labels < 0).any(1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ConfigError(f"soft labels must be probability rows (non-negative, summing to 1; pass logits "
+                              f"through softmax first); row {row} sums to {float(sums[row]):.4g} with minimum "
+                              f"{float(labels[row].min()):.4g}")
+    elif labels.shape != (n,):
+        raise ConfigError(f"hard labels must be class indices of shape [{n}]; got {tuple(labels.shape)}")
+
+
+def unroll_loss(net: nn.Module | Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+                start: torch.Tensor, target: torch.Tensor, syn_steps: int, batch_syn: int | None,
+                gen: torch.Generator, augment: DSA | None = None, *, match: torch.Tensor | None = None,
+                memory: str = "full") -> torch.Tensor:
+    """The MTT loss of one start/target pair, differentiable in ``images``, ``lr`` and soft ``labels``.
+
+    The student is the flat vector ``start`` split in ``net.named_parameters()`` order (``net`` may be
+    a :class:`Student` built once, for its precision and compiled functions; a module is run in
+    fp32, eagerly), trained ``syn_steps`` SGD steps of step size ``lr`` on ``(images, labels)``
+    (``batch_syn`` at a time, random order from ``gen``, DSA from ``gen`` when ``augment``).
+
+    ``labels``: hard (int64 ``[N]``) or soft (float ``[N, K]``, **probability rows**: pass learned
+    logits through ``softmax`` first; the student's loss is then :func:`soft_cross_entropy`), and
+    gradients reach float labels that require grad.
+
+    ``match``: optional bool or float mask/weight ``m`` over the flat parameter vector; the loss is
+    ``||m * (theta_N - target)||^2 / ||m * (start - target)||^2`` (``None``: every parameter, weight 1).
+
+    ``memory``: ``"full"`` keeps one autograd graph of all steps (memory grows with ``syn_steps``);
+    ``"recompute"`` is the exact low-memory path (:class:`_RecomputeUnroll`): it keeps only the
+    ``syn_steps + 1`` flat parameter vectors and recomputes one step's graph at a time in the
+    backward pass. It returns a loss whose ``.backward()`` gives the same gradients, at the cost of
+    one more forward and first-order backward of the network per student step (the graph-free
+    forward unroll). Both paths make the same random draws from ``gen``.
+    """
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory={memory!r}: expected one of {', '.join(MEMORY_MODES)}")
+    student = net if isinstance(net, Student) else Student(net)
+    if start.numel() != student.num_params or target.numel() != start.numel():
+        raise ArtifactError(f"expert parameters have {start.numel()}/{target.numel()} values, the network "
+                            f"has {student.num_params}")
+    n = images.shape[0]
+    _check_labels(labels, n, student.num_classes)
+    start = start.detach().reshape(-1)
+    target = target.detach().reshape(-1)
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(float(lr), dtype=start.dtype, device=start.device)
+    weight = None
+    if match is not None:
+        if match.numel() != start.numel() or not (match.dtype == torch.bool or match.is_floating_point()):
+            raise ConfigError(f"match must be a bool or float mask over the {start.numel()} flat parameters; got "
+                              f"{match.dtype} with {match.numel()} values")
+        weight = match.detach().reshape(-1).to(start.device, start.dtype)
+    diff = start - target if weight is None else (start - target) * weight
+    denom = (diff * diff).sum()
+    if not float(denom) > 0:
+        where = "" if weight is None else " on the matched parameters"
+        raise NumericalError(f"the expert's start and target parameters are identical{where} (||theta*_t - "
+                             "theta*_{t+M}||^2 = 0); the expert set is broken (an epoch stored twice?)"
+                             + (" or the match mask selects nothing that moves" if weight is not None else ""))
+    b = n if batch_syn is None else min(batch_syn, n)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    u = _Unroll(student, start, target, weight, denom, _plan(n, b, syn_steps, gen, augment, size, images.device),
+                augment if augment else None)
+    if memory == "full":
+        return _full_unroll(u, images, labels, lr)
+    return _RecomputeUnroll.apply(images, labels, lr, u)
 
 
 @METHODS.register("mtt", help="matching training trajectories (Cazenavette et al. 2022); needs `tinyset experts`")
@@ -191,11 +454,16 @@ class TrajectoryMatching(Distiller):
         "evaluation. digits: model convnet-d2 (the depth-3 ConvNet normalises 2x2 maps on 8x8 images and its "
         "unrolled gradients explode), max_start_epoch 5; experts `tinyset experts --dataset digits --model "
         "convnet-d2 --num-experts 5 --epochs 10 --batch-size 64` (~20 s, 95% validation accuracy), then ipc 1 "
-        "~27 s (test accuracy 85% vs 68% for random real images), ipc 10 ~3 min (91% vs 90%). MNIST/"
-        "FashionMNIST: model convnet-w32, batch_syn 50, max_start_epoch 8; experts `tinyset experts --dataset "
-        "mnist --model convnet-w32 --num-experts 3 --epochs 10` (~2.5 min per expert epoch; width 128 costs ~7x "
-        "more), then ~4 s and ~1.2 GB per iteration at ipc 10 (width 128 with 100 images per step: 46 s, 4.3 GB). "
-        "Other datasets keep the paper values", _cpu_budget)
+        "~27 s (test accuracy 85% vs 68% for random real images), ipc 10 ~3 min (91% vs 90%); memory full and "
+        "compile off there (runs of a few minutes do not repay ~80 s of compilation, and uncompiled the full "
+        "graph is the faster path). MNIST/FashionMNIST: model convnet-w32, batch_syn 50, max_start_epoch 8; "
+        "experts `tinyset experts --dataset mnist --model convnet-w32 --num-experts 3 --epochs 10` (~2.5 min per "
+        "expert epoch; width 128 costs ~7x more); memory recompute, compiled: measured by benchmarks/bench_mtt.py "
+        "at ipc 10 (AMD EPYC, AVX512-BF16, 1 thread, bf16): 0.44 s per iteration after a one-time compilation "
+        "(~70-90 s with a cold cache) against 0.89 s for a reference-style fp32 loop, 0.47 GiB peak whatever "
+        "syn_steps (the full graph: 0.65 GiB at 10 steps, 1.3 GiB at 40); width 128 with 100 images per step "
+        "and syn_steps 20: 14.7 s (reference-style 28.6 s), 1.3 GiB (full graph 4.5 GiB). Other datasets keep "
+        "the paper values", _cpu_budget)
     complete = staticmethod(_early_dataset_check)
 
     @classmethod
@@ -223,6 +491,10 @@ class TrajectoryMatching(Distiller):
                               f"experts trained for at least {last} epochs; {experts.path} has {experts.epochs} "
                               f"(lower max_start_epoch to {max(1, experts.epochs - cfg.expert_epochs + 1)} or "
                               f"train longer experts)")
+        if cfg.compile == "on" and cfg.memory != "recompute":
+            raise ConfigError(f"compile=on needs memory=recompute (memory={cfg.memory!r}: the full unroll "
+                              "differentiates twice through the student's graph, which torch.compile does not "
+                              "support); set memory=recompute or compile=off")
         if not experts.complete():
             raise ConfigError(f"expert set {experts.path} has no finished expert (0 of {experts.num_experts}); "
                               f"finish it with `tinyset experts ... --out {experts.path} --resume`")
@@ -232,15 +504,21 @@ class TrajectoryMatching(Distiller):
 
         cfg = self.cfg
         self.experts = ExpertSet(cfg.experts)
-        check_compatible(self.experts, self.info, cfg.model)
+        check_compatible(self.experts, self.info, cfg.model, zca=cfg.zca)
         self.pool_ids = self.experts.complete()
         self.net = self.experts.build_model(self.device)
         self.net.requires_grad_(False)  # its own weights are never used: the student is a flat vector
         self.net.train()
+        self.student = Student(self.net, precision=self.precision, compile=self.wants_compile())
         self.labels = self.hard_labels().to(self.device)
         super().setup(gen)  # images + their SGD optimiser (lr_img, momentum_img)
         lr = self.learnable("lr", torch.tensor(float(cfg.lr_teacher), dtype=torch.float32))
         self.optimizer("lr", torch.optim.SGD([lr], lr=cfg.lr_lr, momentum=cfg.momentum_lr))
+
+    def wants_compile(self) -> bool:
+        """Whether the student's step functions are compiled (only the recompute path can be)."""
+        auto = self.device.type == "cpu" and self.cfg.iterations >= COMPILE_MIN_ITERATIONS
+        return self.cfg.memory == "recompute" and self.compile_wanted(auto)
 
     def draw(self, gen: torch.Generator) -> tuple[int, int]:
         """The expert and the start epoch of one iteration."""
@@ -254,8 +532,8 @@ class TrajectoryMatching(Distiller):
         start = self.experts.flat_params(i, t, self.device)
         target = self.experts.flat_params(i, t + cfg.expert_epochs, self.device)
         lr = self.tensors["lr"]
-        loss = unroll_loss(self.net, self.images, self.labels, lr, start, target, cfg.syn_steps, cfg.batch_syn,
-                           gen, self.augment)
+        loss = unroll_loss(self.student, self.images, self.labels, lr, start, target, cfg.syn_steps, cfg.batch_syn,
+                           gen, self.augment, memory=cfg.memory)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -277,4 +555,4 @@ class TrajectoryMatching(Distiller):
         return super().to_synset(meta)
 
 
-__all__ = ["MTTConfig", "TrajectoryMatching", "unroll_loss"]
+__all__ = ["MEMORY_MODES", "MTTConfig", "Student", "TrajectoryMatching", "soft_cross_entropy", "unroll_loss"]

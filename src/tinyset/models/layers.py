@@ -42,12 +42,18 @@ class _CancelledBias(torch.autograd.Function):
     its true gradient is zero. Skipping the addition (and the reduction its gradient would need)
     saves a full pass over the largest activation of the network; the parameter stays, gets a zero
     gradient and weight decay, exactly as in the reference where its gradient is rounding noise.
+    Written with a separate ``setup_context`` so that :mod:`torch.func` transforms (``grad``,
+    ``vjp``, as MTT's student uses) can run through it.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.bias_meta = (bias.shape, bias.dtype, bias.device)
+    def forward(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        bias = inputs[1]
+        ctx.bias_meta = (bias.shape, bias.dtype, bias.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -164,6 +164,18 @@ def _time_seed() -> int:
     return int(time.time() * 1000) % 100000  # upstream's siamese seed
 
 
+def class_pair(up, args, real: RealData, image_syn: torch.Tensor, c: int, ipc: int, batch_real: int):
+    """Class ``c``'s real batch and synthetic images, as upstream's scripts draw them: numpy
+    permutation, then (DSA) one DiffAugment seed shared by both."""
+    img_real = real.get_images(c, batch_real)
+    img_syn = image_syn[c * ipc:(c + 1) * ipc]
+    if args.dsa:
+        seed = _time_seed()
+        img_real = up.utils.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
+        img_syn = up.utils.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
+    return img_real, img_syn
+
+
 def dm_iteration(up, args, real: RealData, image_syn: torch.Tensor, opt, ipc: int, batch_real: int,
                  channel: int, num_classes: int, im_size) -> float:
     """One DM image update as upstream's main_DM.py does it for a ConvNet without BatchNorm."""
@@ -173,12 +185,7 @@ def dm_iteration(up, args, real: RealData, image_syn: torch.Tensor, opt, ipc: in
         p.requires_grad = False
     loss = torch.tensor(0.0)
     for c in range(num_classes):
-        img_real = real.get_images(c, batch_real)
-        img_syn = image_syn[c * ipc:(c + 1) * ipc]
-        if args.dsa:
-            seed = _time_seed()
-            img_real = up.utils.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
-            img_syn = up.utils.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
+        img_real, img_syn = class_pair(up, args, real, image_syn, c, ipc, batch_real)
         out_real = net.embed(img_real).detach()
         out_syn = net.embed(img_syn)
         loss = loss + torch.sum((out_real.mean(0) - out_syn.mean(0)) ** 2)
@@ -203,14 +210,9 @@ def dc_iteration(up, args, real: RealData, image_syn: torch.Tensor, opt, ipc: in
     for ol in range(outer_loop):
         loss = torch.tensor(0.0)
         for c in range(num_classes):
-            img_real = real.get_images(c, batch_real)
+            img_real, img_syn = class_pair(up, args, real, image_syn, c, ipc, batch_real)
             lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long)
-            img_syn = image_syn[c * ipc:(c + 1) * ipc]
             lab_syn = torch.full((ipc,), c, dtype=torch.long)
-            if args.dsa:
-                seed = _time_seed()
-                img_real = up.utils.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
-                img_syn = up.utils.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
             gw_real = torch.autograd.grad(criterion(net(img_real), lab_real), params)
             gw_real = [g.detach().clone() for g in gw_real]
             gw_syn = torch.autograd.grad(criterion(net(img_syn), lab_syn), params, create_graph=True)
@@ -262,12 +264,7 @@ def datadam_iteration(up, args, real: RealData, image_syn: torch.Tensor, opt, ip
         p.requires_grad = False
     reals, syns = [], []
     for c in range(num_classes):
-        img_real = real.get_images(c, batch_real)
-        img_syn = image_syn[c * ipc:(c + 1) * ipc]
-        if args.dsa:
-            seed = _time_seed()
-            img_real = up.utils.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
-            img_syn = up.utils.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param)
+        img_real, img_syn = class_pair(up, args, real, image_syn, c, ipc, batch_real)
         reals.append(img_real)
         syns.append(img_syn)
     acts: dict[str, torch.Tensor] = {}

@@ -84,6 +84,21 @@ class ModelScore(_Result):
     #: the labels the networks were trained with: ``hard``, ``learned (...)`` or ``teacher (...)``
     #: (see :func:`label_regime`)
     label_regime: str = UNRECORDED_REGIME
+    # -- wall time and early stopping (optional; results written before them read back with these defaults).
+    # The networks of one architecture train and test as ONE batched ensemble, so every time is the
+    # ensemble's (all len(accuracies) networks at once): ``train_seconds`` is its training, validation
+    # passes included, test pass excluded; ``test_seconds`` its test pass; ``val_seconds`` the part of
+    # ``train_seconds`` spent in validation passes.
+    test_seconds: float = 0.0
+    val_seconds: float = 0.0
+    #: epochs the ensemble trained (fewer than the protocol's when early stopping stopped every network)
+    epochs_trained: int | None = None
+    #: with early stopping, per network: epochs trained when it stopped (the last epoch run if it never
+    #: did), epochs trained for the weights it was tested with (its best validation epoch), and its
+    #: validation accuracy there
+    stop_epochs: list[int] | None = None
+    best_epochs: list[int] | None = None
+    val_accuracies: list[float] | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.mean):

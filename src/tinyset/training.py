@@ -20,6 +20,11 @@ Hooks (all optional) let callers observe training without copying the loop:
   batch (into ``images``), the per-sample cross-entropy and the logits, all member-major (member 0's
   ``B`` samples, then member 1's, ...). The forgetting selector reads per-sample correctness from it.
 
+Early stopping (optional, ``early_stop=``): an :class:`EarlyStopping` tests every member on a
+validation split every few epochs, stops each member on its own when its validation accuracy has
+not improved for ``patience`` epochs, ends the loop when every member has stopped, and gives each
+member back the weights of its best validation epoch (see the class).
+
 ``torch.compile`` (``TrainSettings.compile``): each network gets its own compiled callable per mode
 (``"train"``: the forward pass of a training step; ``"test"``: the no-grad forward of a test pass),
 each wrapping a code object of its own. torch's compiler keeps its cache, and its recompile limit
@@ -35,6 +40,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 import types
 import warnings
 import weakref
@@ -276,7 +282,7 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
                    generator: torch.Generator, augment: DSA | None = None,
                    on_epoch: EpochHook | None = None, on_step: StepHook | None = None,
-                   on_batch: BatchHook | None = None) -> TinyNet:
+                   on_batch: BatchHook | None = None, early_stop: EarlyStopping | None = None) -> TinyNet:
     """Train every member of ``model`` on ``(images, labels)`` with SGD; returns the model.
 
     ``images`` are normalised float ``[S, C, H, W]``; ``labels`` are int64 class indices ``[S]`` or
@@ -284,8 +290,11 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     member draws a shuffle (``torch.argsort(torch.rand(M, S, generator=generator))``), then for every
     batch: gather, augment (``augment(x, generator, op_groups=member ids)``), forward, per-sample
     cross-entropy, loss = the members' mean losses summed, :func:`sgd_step`. See the module
-    docstring for the hooks. Raises :class:`~tinyset.errors.NumericalError` when the loss becomes
-    nan or inf.
+    docstring for the hooks. With ``early_stop`` (an :class:`EarlyStopping`), the members are
+    validated after every ``early_stop.every`` epochs, the loop ends once every member has stopped,
+    and every member ends with the weights of its best validation epoch; the stopper holds the
+    record (stop and best epochs, validation accuracies). Raises
+    :class:`~tinyset.errors.NumericalError` when the loss becomes nan or inf.
     """
     device = images.device
     m = model.members
@@ -304,6 +313,8 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     model.train()
 
     opt = make_sgd(model, settings.lr, settings.momentum, settings.weight_decay)
+    if early_stop is not None:
+        early_stop.start(model, settings)
     for ep in range(settings.epochs):
         if ep == decay_epoch:
             # a new optimiser at the decay, as the reference does (momentum restarts)
@@ -341,6 +352,10 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
                 on_step(ep, b0 // bs + 1, n_batches)
         if on_epoch is not None:
             on_epoch(ep, tot_loss / tot_n, tot_correct / tot_n)
+        if early_stop is not None and early_stop.after_epoch(model, ep + 1, last=ep + 1 == settings.epochs):
+            break  # every member has stopped
+    if early_stop is not None:
+        early_stop.finish(model)
     return model
 
 
@@ -375,6 +390,140 @@ def test_accuracy(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, pr
 # not a pytest test, although its name starts with "test"
 test_accuracy.__test__ = False  # type: ignore[attr-defined]
 
-__all__ = ["TrainSettings", "train_ensemble", "test_accuracy", "sgd_step", "make_sgd", "per_sample_loss",
+
+# ---------------------------------------------------------------- early stopping
+
+def member_state(model: torch.nn.Module, m: int, members: int) -> dict[str, torch.Tensor]:
+    """A copy of member ``m``'s slice of every parameter and buffer of a ``members``-wide model.
+
+    Every per-member tensor of :mod:`tinyset.models.layers` is laid out member-major along its
+    first dimension (``members * n`` rows, member ``m`` owns rows ``m*n:(m+1)*n``); 0-dim entries
+    (a BatchNorm's batch counter) are shared by all members and left out.
+    """
+    out = {}
+    for key, value in model.state_dict().items():
+        if value.dim() == 0:
+            continue
+        if value.shape[0] % members:
+            raise RuntimeError(f"cannot split {key} of shape {tuple(value.shape)} into {members} members")
+        n = value.shape[0] // members
+        out[key] = value[m * n:(m + 1) * n].detach().clone()
+    return out
+
+
+def load_member_state(model: torch.nn.Module, m: int, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (from :func:`member_state`) back into member ``m``'s slices, in place."""
+    current = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            n = value.shape[0]
+            current[key][m * n:(m + 1) * n].copy_(value)
+
+
+class EarlyStopping:
+    """Early stopping on a validation split, decided for every member of an ensemble on its own.
+
+    The patience rule of early stopping (Prechelt, "Early Stopping -- But When?", 1998; the
+    "early stopping" that the issue's source report adds in its MPS2 pipeline): after every
+    ``every`` epochs, and after the last epoch, every member still running is tested on the
+    validation images (eval mode, no augmentation, :func:`test_accuracy`). A member *improves*
+    when its validation accuracy is strictly above its best so far (a tie keeps the earlier, shorter
+    trained weights); its weights -- its slice of every parameter and buffer -- are then copied. A
+    member whose best validation epoch is ``patience`` or more epochs behind the current one
+    *stops*: it is not validated again and its later updates are thrown away.
+
+    Members stop independently; the ensemble stops when all of them have. Until then the batched
+    pass keeps computing the stopped members (their slices of the grouped layers cost the same as
+    before); their weights are discarded at the end, when :meth:`finish` gives every member -- the
+    stopped ones and those that ran to the last epoch -- the weights of its best validation epoch.
+    Members never interact and validation draws nothing from the generator, so a member's stop
+    epoch does not depend on when the others stop, and up to a member's stop the training is
+    exactly the training without early stopping. Only the images given here are looked at: the
+    caller holds them out of the training data (never the test set).
+
+    After training: ``best_accuracy[m]`` (validation accuracy of the weights member ``m`` ends
+    with), ``best_epoch[m]`` (epochs trained for those weights), ``stop_epoch[m]`` (epochs trained
+    when member ``m`` stopped, or the last epoch run when it never did), ``stopped[m]`` (whether
+    the rule stopped it), ``epochs_run`` (epochs the ensemble trained), ``history`` (``(epoch,
+    [accuracy or None per member])`` for every validation) and ``seconds`` (time spent in
+    validation passes).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, patience: int, every: int = 1,
+                 batch_size: int = 1000):
+        own = "early stopping"
+        self.patience = check_number(own, "patience", patience, low=1, integer=True)
+        self.every = check_number(own, "every", every, low=1, integer=True)
+        self.batch_size = check_number(own, "batch_size", batch_size, low=1, integer=True)
+        if images.dim() != 4 or images.shape[0] == 0 or labels.shape != (images.shape[0],):
+            raise ConfigError(f"early stopping needs a non-empty validation split: images [N, C, H, W] and "
+                              f"labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
+        self.images, self.labels = images, labels
+        self._reset(0)
+
+    def _reset(self, members: int) -> None:
+        self.members = members
+        self.best_accuracy: list[float] = [float("-inf")] * members
+        self.best_epoch: list[int] = [0] * members
+        self.stop_epoch: list[int] = [0] * members
+        self.stopped: list[bool] = [False] * members
+        self.epochs_run = 0
+        self.history: list[tuple[int, list[float | None]]] = []
+        self.seconds = 0.0
+        self._best_state: list[dict[str, torch.Tensor] | None] = [None] * members
+        self._precision, self._compile = "fp32", False
+
+    def start(self, model: TinyNet, settings: TrainSettings) -> None:
+        """Called by :func:`train_ensemble` before the first epoch: forget any earlier run."""
+        if self.images.device != next(model.parameters()).device:
+            raise ConfigError(f"the validation images are on {self.images.device} but the model is on "
+                              f"{next(model.parameters()).device}")
+        self._reset(model.members)
+        self._precision, self._compile = settings.precision, settings.compile
+
+    def validate(self, model: TinyNet) -> list[float]:
+        """Validation accuracy of every member (the whole split)."""
+        return test_accuracy(model, self.images, self.labels, precision=self._precision,
+                             batch_size=self.batch_size, compile=self._compile)
+
+    def after_epoch(self, model: TinyNet, epochs_done: int, last: bool = False) -> bool:
+        """Apply the rule after ``epochs_done`` epochs; True when every member has stopped."""
+        self.epochs_run = epochs_done
+        if epochs_done % self.every and not last:
+            return False
+        start = time.perf_counter()
+        accs = self.validate(model)
+        self.seconds += time.perf_counter() - start
+        row: list[float | None] = [None] * self.members
+        for m in range(self.members):
+            if self.stopped[m]:
+                continue
+            row[m] = accs[m]
+            if accs[m] > self.best_accuracy[m]:
+                self.best_accuracy[m], self.best_epoch[m] = accs[m], epochs_done
+                self._best_state[m] = member_state(model, m, self.members)
+            elif epochs_done - self.best_epoch[m] >= self.patience:
+                self.stopped[m], self.stop_epoch[m] = True, epochs_done
+        self.history.append((epochs_done, row))
+        return all(self.stopped)
+
+    def finish(self, model: TinyNet) -> None:
+        """Give every member the weights of its best validation epoch (called after the last epoch)."""
+        for m in range(self.members):
+            if not self.stopped[m]:
+                self.stop_epoch[m] = self.epochs_run
+            state = self._best_state[m]
+            if state is not None:
+                load_member_state(model, m, state)
+        self._best_state = [None] * self.members
+
+    def record(self) -> dict[str, Any]:
+        """The outcome as plain data (what the evaluator stores per architecture)."""
+        return {"stop_epochs": list(self.stop_epoch), "best_epochs": list(self.best_epoch),
+                "stopped": list(self.stopped), "val_accuracies": [a if math.isfinite(a) else None
+                                                                  for a in self.best_accuracy],
+                "epochs_run": self.epochs_run, "val_seconds": self.seconds}
+
+__all__ = ["TrainSettings", "train_ensemble", "test_accuracy", "EarlyStopping", "member_state", "load_member_state", "sgd_step", "make_sgd", "per_sample_loss",
            "model_forward", "CompiledForward", "compile_status", "compile_errors", "quiet_compiler",
            "check_number", "COMPILE_BACKEND", "QUIET_COMPILER"]

@@ -160,7 +160,27 @@ def print_evaluation(res: Any, title: str) -> None:
     print(f"protocol {p['name']}: {p['epochs']} epochs ({p['schedule']} schedule: {p['train_epochs']} passes, "
           f"lr x{p['lr_decay_factor']} from pass {p['decay_epoch'] + 1}), lr {p['lr_used']}, batch {p['batch_size']}, "
           f"augment {p['augment_strategy']}, {p['num_models']} models per architecture, "
-          f"precision {p['precision_used']}; test accuracy after the last epoch")
+          f"precision {p['precision_used']}; {timing_lines(res)}")
+
+
+def timing_lines(res: Any) -> str:
+    """What the accuracies are of (the last epoch, or early stopping's best validation epochs) and the
+    wall times of every architecture's ensemble (training, validation inside it, test pass)."""
+    p = res.protocol
+    if p.get("early_stop_patience") is None:
+        out = ["test accuracy after the last epoch"]
+    else:
+        out = [f"early stopping: patience {p['early_stop_patience']} epochs, validation every {p['val_every']} "
+               f"epochs on {p.get('validation', {}).get('images', '?')} images held out of the training split; "
+               f"test accuracy of every network's best validation epoch"]
+        out += [f"  {r.model}: stop epochs {r.stop_epochs} (the last one run for a network that never stopped), "
+                f"best validation epochs {r.best_epochs}"
+                for r in res.results if r.stop_epochs is not None]
+    out += [f"wall time of {r.model} ({len(r.accuracies)} networks at once): training {r.train_seconds:.1f} s"
+            + (f" (validation {r.val_seconds:.1f} s)" if r.val_seconds else "")
+            + f" over {r.epochs_trained} epochs, test pass {r.test_seconds:.1f} s"
+            for r in res.results if getattr(r, "epochs_trained", None) is not None]
+    return "\n".join(out)
 
 
 def evaluation_bar(models: list[str], epochs: int) -> tuple[Callable[..., None], Callable[..., None],

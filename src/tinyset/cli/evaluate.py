@@ -22,7 +22,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default=None,
                    help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
                         "quick (smoke test), fulldata (6 epochs, default of baseline), fulldata-long "
-                        "(16 epochs, DSA, 3 nets), dsa-learned-lr (dsa with the set's learned lr, for MTT sets)")
+                        "(16 epochs, DSA, 3 nets), dsa-learned-lr (dsa with the set's learned lr, for MTT sets), "
+                        "dsa-early (dsa with early stopping on a validation split of the training data)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)
@@ -35,8 +36,22 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=("dsa", "none"), default=None, help="train-time augmentation")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the training step (auto: for long runs on CPU)")
+    add_early_stop_options(p)
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON to this file")
     add_force(p, "--json file")
+
+
+def add_early_stop_options(p: argparse.ArgumentParser) -> None:
+    """Early stopping on a validation split (the protocol's ``early_stop_patience`` and friends)."""
+    p.add_argument("--early-stop-patience", type=number(int, low=1), default=None, metavar="EPOCHS",
+                   help="stop a network once its validation accuracy has not risen for this many epochs and test "
+                        "the weights of its best validation epoch (default: the protocol's; off except in dsa-early). "
+                        "The validation split is held out of the real training split, never the test split")
+    p.add_argument("--val-every", type=number(int, low=1), default=None, metavar="EPOCHS",
+                   help="with early stopping: validate every this many epochs (default: the protocol's, 10)")
+    p.add_argument("--val-per-class", type=number(int, low=1), default=None, metavar="N",
+                   help="with early stopping: training images per class held out for validation (default: the "
+                        "protocol's, 100)")
 
 
 def protocol_from(args: argparse.Namespace, default: str) -> Any:
@@ -46,7 +61,9 @@ def protocol_from(args: argparse.Namespace, default: str) -> Any:
                            lr=args.lr, batch_size=args.batch_size, augment=args.augment,
                            momentum=args.momentum, weight_decay=args.weight_decay,
                            precision=args.runtime.precision,
-                           compile={"auto": None, "on": True, "off": False}[args.compile])
+                           compile={"auto": None, "on": True, "off": False}[args.compile],
+                           early_stop_patience=args.early_stop_patience, val_every=args.val_every,
+                           val_per_class=args.val_per_class)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--method random ...` then evaluate the subset with the same --teacher")
     p.add_argument("--teacher-temperature", type=number(float, low=0, low_open=True), default=1.0,
                    help="temperature T of the teacher's softmax(logits / T) (default: 1)")
+    p.add_argument("--baseline-json", default=None, metavar="FILE",
+                   help="a `tinyset baseline --json` result of the same dataset: print the training time saved, "
+                        "full-set training time per network / this set's (both measured wall times)")
     add_data_options(p)
     add_runtime_options(p)
 
@@ -70,15 +90,54 @@ def run(args: argparse.Namespace) -> int:
     models = parse_models(args.models)
     protocol = protocol_from(args, "dsa")
     check_distinct("--json", args.json_out, "the input", args.file)
+    check_distinct("--json", args.json_out, "--baseline-json", args.baseline_json)
     check_json_out(args)
+    baseline = load_baseline(args.baseline_json)
     synset = load_synset(args.file)
     teacher = load_teacher(args, synset)
     test = load_split(args, synset.info.name, "test")
-    run_with_bar(args, models, protocol, lambda **bar: evaluate_synset(
-        synset, test, models, protocol, seed=args.seed, device=args.runtime.device, teacher=teacher, **bar),
+    # early stopping validates on images held out of the real training split (never the test split)
+    train = load_split(args, synset.info.name, "train") if protocol.early_stopping else None
+    res = run_with_bar(args, models, protocol, lambda **bar: evaluate_synset(
+        synset, test, models, protocol, seed=args.seed, device=args.runtime.device, teacher=teacher,
+        train=train, **bar),
         f"{args.file}: {len(synset)} images of {synset.info.name}, method {synset.meta.get('method')}",
         file=str(args.file))
+    if baseline is not None:
+        from tinyset.evaluate.timing import format_time_saved, time_saved
+
+        print(format_time_saved(time_saved(res, baseline), args.baseline_json))
     return 0
+
+
+def load_baseline(path: str | None) -> Any:
+    """The ``--baseline-json`` result (a full-training-set evaluation), read and checked before any
+    work; None without the flag."""
+    if path is None:
+        return None
+    import json
+
+    from tinyset.errors import ArtifactError
+    from tinyset.results import EvaluationResult, result_from_dict
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except OSError as exc:
+        raise ArtifactError(f"--baseline-json {path}: cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"--baseline-json {path}: not valid JSON ({exc}); expected the file written by "
+                            f"`tinyset baseline --json`") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"--baseline-json {path}: not a tinyset result (a JSON {type(data).__name__})")
+    try:
+        res = result_from_dict(data)
+    except TypeError as exc:
+        raise ArtifactError(f"--baseline-json {path}: malformed result ({exc})") from None
+    if not isinstance(res, EvaluationResult) or (res.set or {}).get("method") != "full-dataset":
+        what = data.get("kind") if not isinstance(res, EvaluationResult) else (res.set or {}).get("method")
+        raise ArtifactError(f"--baseline-json {path}: not a full-training-set result ({what!r}); expected the "
+                            f"file written by `tinyset baseline --json`")
+    return res
 
 
 def load_teacher(args: argparse.Namespace, synset: Any) -> Any:

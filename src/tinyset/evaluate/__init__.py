@@ -24,7 +24,7 @@ from tinyset.augment import DSA, default_strategy
 from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
-from tinyset.evaluate.protocol import Protocol
+from tinyset.evaluate.protocol import Protocol, early_stopper, hold_out_validation, stop_record, validation_for_set
 from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
 from tinyset.evaluate.teacher import Teacher, parse_teacher
 from tinyset.models import MODELS, create_model
@@ -100,7 +100,7 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
                      seed: int = 0, device: str | torch.device = "cpu", learned_lr: float | None = None,
                      progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
                      test_progress: TestProgress | None = None, zca: Zca | None = None,
-                     regime: str | None = None) -> EvaluationResult:
+                     regime: str | None = None, val: ImageDataset | None = None) -> EvaluationResult:
     """Train ``protocol.num_models`` fresh networks of each architecture on ``(images, labels)``.
 
     Returns an :class:`~tinyset.results.EvaluationResult`: the protocol (with ``lr_used``,
@@ -117,6 +117,13 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     ``zca``: the whitening ``images`` live in; the test images get the same (recorded as
     ``protocol["zca"]``). ``regime``: the label regime to record (default: :func:`label_regime` of
     the labels given and of whether the protocol takes ``learned_lr``).
+
+    ``val``: the validation split of a protocol that stops early (``early_stop_patience``), held
+    out of the real training split by the caller (:func:`~tinyset.evaluate.protocol.hold_out_validation`;
+    required by such a protocol, ignored otherwise). Each architecture's networks then stop on it
+    independently (:class:`tinyset.training.EarlyStopping`) and are tested with the weights of
+    their best validation epoch; the rows record stop and best epochs. Every row records the
+    ensemble's training time (validation passes included) and its test-pass time apart.
     """
     protocol = protocol or Protocol.preset("dsa")
     names = check_models(models, info)
@@ -135,6 +142,8 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     labels = labels.to(device)
     test_x = test_images(test, device, zca)
     test_y = test.labels.to(device)
+    val_x = test_images(val, device, zca) if val is not None and protocol.early_stopping else None
+    val_y = val.labels.to(device) if val_x is not None else None
     settings = settings_for(protocol, images.shape[0], device, lr)
     augment = make_augment(protocol, info.name)
     root = make_generator(seed)
@@ -155,7 +164,9 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         test_cb = None
         if test_progress is not None:
             test_cb = lambda done, n, _n=name: test_progress(_n, done, n)  # noqa: E731
-        train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb)
+        stopper = early_stopper(protocol, val_x, val_y)
+        train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb,
+                       early_stop=stopper)
         train_s = time.perf_counter() - start
         accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile,
                              progress=test_cb)
@@ -168,13 +179,16 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         mean, std = mean_std(accs)
         rows.append(ModelScore(model=name, accuracies=accs, mean=mean, std=std, train_seconds=train_s,
                                seconds=total_s, seconds_per_model=total_s / protocol.num_models,
-                               label_regime=regime))
+                               label_regime=regime, test_seconds=total_s - train_s,
+                               **stop_record(stopper, settings.epochs)))
     proto = {**protocol.to_dict(), "lr_used": lr, "precision_used": settings.precision,
              "compiled": bool(compiled_all), "augment_strategy": augment.strategy if augment else "none"}
     if fallbacks:
         proto["compile_fallback"] = fallbacks
     if zca is not None:
         proto["zca"] = zca.describe()
+    if val_x is not None:
+        proto["validation"] = {"split": val.split, "images": len(val)}
     return EvaluationResult(protocol=proto, dataset=info.name, num_images=int(images.shape[0]), seed=seed,
                             device=str(device), results=rows, label_regime=regime)
 
@@ -189,7 +203,8 @@ def teacher_labels(synset: Any, teacher: Teacher, device: str | torch.device) ->
 def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("convnet",),
                     protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
                     progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
-                    test_progress: TestProgress | None = None, teacher: Teacher | None = None) -> EvaluationResult:
+                    test_progress: TestProgress | None = None, teacher: Teacher | None = None,
+                    train: ImageDataset | None = None) -> EvaluationResult:
     """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``.
 
     As :func:`evaluate_tensors`: trains on the set's stored labels (soft cross-entropy for soft
@@ -197,8 +212,12 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
     transform when it carries one. With ``teacher`` (:class:`~tinyset.evaluate.teacher.Teacher`)
     the labels are the teacher's instead (recorded as ``protocol["teacher"]``). The result's
     ``set`` says what was evaluated (method, ipc, number of images, the set's metadata) and
-    ``label_regime`` under which labels.
+    ``label_regime`` under which labels. ``train``: the real training split, needed by a protocol
+    that stops early: its validation split is held out of it (never containing the set's own source
+    images, :func:`~tinyset.evaluate.protocol.validation_for_set`) and recorded as
+    ``protocol["validation"]``.
     """
+    val, val_desc = validation_for_set(synset, train, protocol or Protocol.preset("dsa"), seed)
     labels, regime = synset.labels, None
     if teacher is not None:
         check_models(models, synset.info)  # names first: relabelling is wasted on a typo
@@ -206,7 +225,9 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
         regime = label_regime(True, (protocol or Protocol.preset("dsa")).lr is None, teacher.temperature)
     res = evaluate_tensors(synset.images, labels, synset.info, test, models, protocol, seed,
                            device, learned_lr=synset.lr, progress=progress, step_progress=step_progress,
-                           test_progress=test_progress, zca=synset.zca, regime=regime)
+                           test_progress=test_progress, zca=synset.zca, regime=regime, val=val)
+    if val_desc is not None:
+        res.protocol["validation"] = val_desc
     if teacher is not None:
         res.protocol["teacher"] = teacher.describe()
     res.set = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
@@ -221,12 +242,19 @@ def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str]
     """The full-dataset baseline: the same networks trained on the whole real training split.
 
     As :func:`evaluate_tensors`; the result's ``set`` is ``{"method": "full-dataset", "num_images": N}``.
+    A protocol that stops early holds its validation split out of ``train`` first and trains on
+    the rest (``N`` counts the rest).
     """
     protocol = protocol or Protocol.preset("fulldata")
     check_models(models)  # names, before normalising the whole training split
+    val = val_desc = None
+    if protocol.early_stopping:
+        train, val, val_desc = hold_out_validation(train, protocol, seed)
     images = train.normalized(device)
     res = evaluate_tensors(images, train.labels, train.info, test, models, protocol, seed, device,
-                           progress=progress, step_progress=step_progress, test_progress=test_progress)
+                           progress=progress, step_progress=step_progress, test_progress=test_progress, val=val)
+    if val_desc is not None:
+        res.protocol["validation"] = val_desc
     res.set = {"method": "full-dataset", "num_images": len(train)}
     return res
 

@@ -1,11 +1,22 @@
-"""Evaluation protocols: named presets (``presets/evaluate/*.json``) plus overrides."""
+"""Evaluation protocols: named presets (``presets/evaluate/*.json``) plus overrides.
+
+A protocol may stop training early on a validation split (``early_stop_patience``; off in every
+literature preset, on in ``dsa-early``): :func:`hold_out_validation` draws that split from the real
+*training* split, :func:`early_stopper` builds the per-network rule of
+:class:`tinyset.training.EarlyStopping`.
+"""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
+import torch
+
+from tinyset.data.base import ImageDataset, split_validation
 from tinyset.errors import ConfigError
-from tinyset.training import check_number
+from tinyset.rng import make_generator
+from tinyset.training import EarlyStopping, check_number
 
 
 @dataclass(frozen=True)
@@ -30,16 +41,28 @@ class Protocol:
     num_models: int = 5
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool | None = None  # None: compile when the run is long enough to pay for it
+    #: early stopping (None: off, as in every literature protocol): a network stops once its accuracy
+    #: on the validation split has not improved for this many epochs, and is tested with the weights
+    #: of its best validation epoch (:class:`tinyset.training.EarlyStopping`)
+    early_stop_patience: int | None = None
+    #: with early stopping: validate every this many epochs (and after the last one)
+    val_every: int = 10
+    #: with early stopping: images per class held out of the real *training* split as the validation
+    #: split (seeded by the evaluation seed, :func:`hold_out_validation`); never the test split
+    val_per_class: int = 100
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Reject impossible values: every number finite and in range, the messages name the field."""
         own = "protocol"
-        ints = {"epochs": 1, "num_models": 1, "batch_size": 1}
+        ints = {"epochs": 1, "num_models": 1, "batch_size": 1, "val_every": 1, "val_per_class": 1}
         for name, low in ints.items():
             object.__setattr__(self, name, check_number(own, name, getattr(self, name), low=low, integer=True))
         if self.lr is not None:
             object.__setattr__(self, "lr", check_number(own, "lr", self.lr, low=0, low_open=True))
+        if self.early_stop_patience is not None:
+            object.__setattr__(self, "early_stop_patience", check_number(
+                own, "early_stop_patience", self.early_stop_patience, low=1, integer=True))
         object.__setattr__(self, "momentum", check_number(own, "momentum", self.momentum, low=0, high=1,
                                                           high_open=True))
         object.__setattr__(self, "weight_decay", check_number(own, "weight_decay", self.weight_decay, low=0))
@@ -55,6 +78,11 @@ class Protocol:
             raise ConfigError(f"protocol precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.compile not in (None, True, False):
             raise ConfigError(f"protocol compile must be true, false or null (automatic), got {self.compile!r}")
+
+    @property
+    def early_stopping(self) -> bool:
+        """Whether this protocol stops early on a validation split."""
+        return self.early_stop_patience is not None
 
     @property
     def train_epochs(self) -> int:
@@ -122,3 +150,82 @@ def load_preset(kind: str, name: str) -> dict[str, Any]:
     if "source" not in data:
         raise ConfigError(f"protocol file {path} has no 'source' field")
     return data
+
+
+# ---------------------------------------------------------------- early stopping
+
+def validation_seed(seed: int) -> int:
+    """The seed of the evaluation's validation split for evaluation seed ``seed``: a hash, so the
+    split is its own random stream (no draw of the training generator is spent on it)."""
+    digest = hashlib.sha256(f"tinyset.evaluate:{int(seed)}:validation".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+def hold_out_validation(train: ImageDataset, protocol: Protocol, seed: int, exclude: Sequence[int] = (),
+                        what: str = "the set") -> tuple[ImageDataset, ImageDataset, dict[str, Any]]:
+    """The validation split of an early-stopping evaluation, held out of the real training split.
+
+    ``exclude``: indices into ``train`` that may not be validation images (the real images a
+    coreset was selected from, ``meta["source_indices"]``): they are removed first. From the rest,
+    ``protocol.val_per_class`` images of every class are drawn with :func:`validation_seed`
+    (:func:`tinyset.data.split_validation`). Returns ``(rest, val, description)``: ``rest`` is the
+    training split without the validation images and without ``exclude`` (what the full-data
+    baseline trains on), ``description`` what the result records.
+    """
+    if train.split != "train":
+        raise ConfigError(f"the validation split of early stopping is held out of the training split; "
+                          f"got the {train.split!r} split of {train.info.name}")
+    n = len(train)
+    idx = torch.as_tensor(list(exclude), dtype=torch.int64)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        bad = int(idx.max()) if int(idx.max()) >= n else int(idx.min())
+        raise ConfigError(f"{what} names training image {bad} of {train.info.name} but its training split has "
+                          f"{n} images (indices 0..{n - 1}); was it selected from another copy of the dataset?")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    pool = train if bool(keep.all()) else ImageDataset(train.info, train.split, train.images[keep],
+                                                       train.labels[keep], train.source)
+    vseed = validation_seed(seed)
+    rest, val = split_validation(pool, protocol.val_per_class, make_generator(vseed))
+    desc = {"split": f"validation, held out of the training split of {train.info.name}",
+            "per_class": protocol.val_per_class, "images": len(val), "seed": vseed,
+            "excluded_set_images": int(n - int(keep.sum()))}
+    return rest, val, desc
+
+
+def early_stopper(protocol: Protocol, val_images: torch.Tensor | None,
+                  val_labels: torch.Tensor | None) -> EarlyStopping | None:
+    """The early-stopping rule of ``protocol`` on the (normalised) validation images, or None when
+    the protocol does not stop early. A fresh one per ensemble."""
+    if not protocol.early_stopping:
+        return None
+    if val_images is None or val_labels is None:
+        raise ConfigError(f"protocol {protocol.name!r} stops early (early_stop_patience="
+                          f"{protocol.early_stop_patience}) and needs a validation split held out of the real "
+                          f"training split: pass the training split (train=...) or a validation split (val=...)")
+    return EarlyStopping(val_images, val_labels, protocol.early_stop_patience, every=protocol.val_every)
+
+
+def validation_for_set(synset: Any, train: ImageDataset | None, protocol: Protocol, seed: int
+                       ) -> tuple[ImageDataset | None, dict[str, Any] | None]:
+    """The validation split for evaluating ``synset`` under ``protocol``: ``(None, None)`` when the
+    protocol does not stop early or no training split is given (:func:`early_stopper` then says
+    what is missing). A set selected from the training split (``meta["source_indices"]``, e.g. a
+    coreset) never has its own images in the validation split."""
+    if not protocol.early_stopping or train is None:
+        return None, None
+    meta = getattr(synset, "meta", {}) or {}
+    exclude = (meta.get("source_indices") or ()) if meta.get("source_split", "train") == "train" else ()
+    _, val, desc = hold_out_validation(train, protocol, seed, exclude,
+                                       what=f"the set (method {meta.get('method')}, source_indices)")
+    return val, desc
+
+
+def stop_record(stopper: EarlyStopping | None, epochs: int) -> dict[str, Any]:
+    """The per-architecture fields of :class:`tinyset.results.ModelScore` about early stopping
+    (``epochs_trained`` alone, ``epochs``, without it)."""
+    if stopper is None:
+        return {"epochs_trained": epochs}
+    r = stopper.record()
+    return {"epochs_trained": r["epochs_run"], "val_seconds": r["val_seconds"], "stop_epochs": r["stop_epochs"],
+            "best_epochs": r["best_epochs"], "val_accuracies": r["val_accuracies"]}

@@ -340,7 +340,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                                 final_loss=loss if it > start_it else None, synset=synset)
     if test is not None:
         protocol = Protocol.preset(final_eval or cfg.final_eval)
-        ev = evaluate_synset(synset, test, [cfg.model], protocol, seed=seed, device=device)
+        ev = evaluate_synset(synset, test, [cfg.model], protocol, seed=seed, device=device, train=train)
         ev.file = str(out / "synset.safetensors")
         write_json(out / "eval.json", ev.to_dict())
         result.evaluation = ev

@@ -23,7 +23,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="evaluation preset: dsa (1000 epochs, DSA; default of evaluate), noaug (300 epochs), "
                         "quick (smoke test), fulldata (6 epochs, default of baseline), fulldata-long "
                         "(16 epochs, DSA, 3 nets), dsa-learned-lr (dsa with the set's learned lr, for MTT sets), "
-                        "dsa-early (dsa with early stopping on a validation split of the training data)")
+                        "dsa-early (dsa with early stopping on a validation split of the training data), dc (the DC paper's "
+                        "evaluation of DC-made sets: 1000 epochs with its crop/scale/rotate/noise augmentation)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)
@@ -33,7 +34,12 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=number(float, low=0, high=1, high_open=True), default=None,
                    help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=number(float, low=0), default=None, help="SGD weight decay (default: 5e-4)")
-    p.add_argument("--augment", choices=("dsa", "none"), default=None, help="train-time augmentation")
+    p.add_argument("--augment", choices=("dsa", "dc", "none"), default=None,
+                   help="train-time augmentation: dsa (DSA), dc (the DC paper's crop/scale/rotate/noise, one op per "
+                        "image), none (default: the protocol's)")
+    p.add_argument("--dc-strategy", default=None, metavar="OPS",
+                   help="with --augment dc / --protocol dc: ops joined by '_' of crop, scale, rotate, noise (default: the "
+                        "DC paper's rule: crop_noise for BatchNorm networks, crop_scale_rotate for MNIST)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the training step (auto: for long runs on CPU)")
     add_early_stop_options(p)
@@ -60,7 +66,7 @@ def protocol_from(args: argparse.Namespace, default: str) -> Any:
     return Protocol.preset(args.protocol or default, num_models=args.num_models, epochs=args.epochs,
                            lr=args.lr, batch_size=args.batch_size, augment=args.augment,
                            momentum=args.momentum, weight_decay=args.weight_decay,
-                           precision=args.runtime.precision,
+                           dc_strategy=args.dc_strategy, precision=args.runtime.precision,
                            compile={"auto": None, "on": True, "off": False}[args.compile],
                            early_stop_patience=args.early_stop_patience, val_every=args.val_every,
                            val_per_class=args.val_per_class)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tinyset.augment import DSA, default_strategy
+from tinyset.augment import AUGMENTATIONS
 from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
@@ -54,10 +54,30 @@ def settings_for(protocol: Protocol, num_images: int, device: torch.device, lr: 
                          precision=resolve_precision(protocol.precision, device), compile=compile_)
 
 
-def make_augment(protocol: Protocol, dataset: str) -> DSA | None:
-    if protocol.augment == "none":
-        return None
-    return DSA(protocol.dsa_strategy or default_strategy(dataset))
+def make_augment(protocol: Protocol, dataset: str, model: str | None = None,
+                 info: DatasetInfo | None = None) -> Any:
+    """The train-time augmentation ``protocol`` prescribes for ``model`` on ``dataset`` (None: none).
+
+    A lookup in :data:`tinyset.augment.AUGMENTATIONS`. A rule that depends on the architecture
+    (the DC paper's: BatchNorm networks get ``crop_noise``) builds a one-network ``model`` for
+    ``info`` to look; without ``model`` the architecture counts as one without BatchNorm.
+    """
+    def has_batchnorm() -> bool:
+        if model is None or info is None:
+            return False
+        net = create_model(model, info.channels, info.num_classes, info.image_size, members=1,
+                           generator=make_generator(0))
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+    return AUGMENTATIONS.get(protocol.augment)(protocol, dataset, has_batchnorm)
+
+
+def augment_name(augment: Any) -> str:
+    """What the result records of an augmentation: its kind and strategy."""
+    if augment is None:
+        return "none"
+    kind = augment.to_dict().get("kind", "dsa")
+    return augment.strategy if kind == "dsa" else f"{kind}:{augment.strategy}"
 
 
 def check_models(models: Sequence[str] | str, info: DatasetInfo | None = None) -> list[str]:
@@ -145,7 +165,8 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     val_x = test_images(val, device, zca) if val is not None and protocol.early_stopping else None
     val_y = val.labels.to(device) if val_x is not None else None
     settings = settings_for(protocol, images.shape[0], device, lr)
-    augment = make_augment(protocol, info.name)
+    # every architecture's augmentation first: a refused rule costs no training
+    augments = {name: make_augment(protocol, info.name, name, info) for name in names}
     root = make_generator(seed)
     rows: list[ModelScore] = []
     compiled_all = settings.compile
@@ -165,7 +186,7 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         if test_progress is not None:
             test_cb = lambda done, n, _n=name: test_progress(_n, done, n)  # noqa: E731
         stopper = early_stopper(protocol, val_x, val_y)
-        train_ensemble(model, images, labels, settings, gen, augment, on_epoch=cb, on_step=step_cb,
+        train_ensemble(model, images, labels, settings, gen, augments[name], on_epoch=cb, on_step=step_cb,
                        early_stop=stopper)
         train_s = time.perf_counter() - start
         accs = test_accuracy(model, test_x, test_y, precision=settings.precision, compile=settings.compile,
@@ -182,7 +203,11 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
                                label_regime=regime, test_seconds=total_s - train_s,
                                **stop_record(stopper, settings.epochs)))
     proto = {**protocol.to_dict(), "lr_used": lr, "precision_used": settings.precision,
-             "compiled": bool(compiled_all), "augment_strategy": augment.strategy if augment else "none"}
+             "compiled": bool(compiled_all), "augment_strategy": ""}
+    strategies = {name: augment_name(a) for name, a in augments.items()}
+    # one string when every architecture trained with the same augmentation, else one per architecture
+    proto["augment_strategy"] = (next(iter(strategies.values())) if len(set(strategies.values())) == 1
+                                 else strategies)
     if fallbacks:
         proto["compile_fallback"] = fallbacks
     if zca is not None:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tinyset.augment import AUGMENTATIONS, parse_dc_strategy
 from tinyset.data.base import ImageDataset, split_validation
 from tinyset.errors import ConfigError
 from tinyset.rng import make_generator
@@ -36,8 +37,11 @@ class Protocol:
     #: "reference": upstream's schedule (the DC/DSA/DM ``evaluate_synset`` loop): epochs+1 passes over the
     #: data, lr x0.1 from pass epochs//2+3 on (counting passes from 1), i.e. the first epochs//2+2 at full lr.
     schedule: str = "fraction"
-    augment: str = "dsa"  # dsa | none
+    augment: str = "dsa"  # a name of tinyset.augment.AUGMENTATIONS: dsa | dc | none
     dsa_strategy: str | None = None  # None: the dataset's default (no flips for digits)
+    #: with augment "dc": the DC paper's ops joined by "_" (crop_scale_rotate, crop_noise, ...);
+    #: None: the paper's rule per architecture (tinyset.augment.dc.dc_rule)
+    dc_strategy: str | None = None
     num_models: int = 5
     precision: str = "auto"  # auto | fp32 | bf16
     compile: bool | None = None  # None: compile when the run is long enough to pay for it
@@ -70,8 +74,11 @@ class Protocol:
                                                              high=1))
         object.__setattr__(self, "lr_decay_factor", check_number(own, "lr_decay_factor", self.lr_decay_factor,
                                                                  low=0, high=1, low_open=True))
-        if self.augment not in ("dsa", "none"):
-            raise ConfigError(f"protocol augment must be 'dsa' or 'none', got {self.augment!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"protocol augment must be one of {', '.join(AUGMENTATIONS.names())}, "
+                              f"got {self.augment!r}")
+        if self.dc_strategy is not None:
+            parse_dc_strategy(self.dc_strategy)
         if self.schedule not in ("fraction", "reference"):
             raise ConfigError(f"protocol schedule must be 'fraction' or 'reference', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

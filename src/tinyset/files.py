@@ -153,6 +153,35 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_tagged_safetensors(path: str | os.PathLike, fmt: str, version: int, what: str,
+                            keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (all, or only ``keys``) and the JSON header (metadata key ``tinyset``) of a safetensors
+    file that tinyset wrote as ``what`` (e.g. "checkpoint"), checked: the header must name ``fmt`` and
+    ``version``. Never unpickles; every failure is an :class:`ArtifactError` naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = json.loads((f.metadata() or {}).get("tinyset", "{}"))
+            have = set(f.keys())
+            wanted = sorted(have) if keys is None else list(keys)
+            missing = [k for k in wanted if k not in have]
+            if missing:
+                raise ArtifactError(f"{path}: no tensor {missing[0]!r} in this {what}")
+            tensors = {k: f.get_tensor(k) for k in wanted}
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable tinyset {what} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise ArtifactError(f"{path}: not a tinyset {what} (no '{fmt}' header)")
+    if header.get("format_version") != version:
+        raise ArtifactError(f"{path}: {what} format version {header.get('format_version')!r}; this tinyset "
+                            f"reads version {version}")
+    return tensors, header
+
+
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove tinyset temporary files in ``folder`` (not recursive) left by dead processes.
 

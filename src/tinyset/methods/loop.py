@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tinyset import __version__
 from tinyset.augment import DSA, default_strategy
 from tinyset.data.base import ImageDataset, RealPool, check_ipc, split_validation
 from tinyset.errors import ArtifactError, ConfigError, Interrupted, NumericalError
-from tinyset.files import RunLock, atomic_path, clean_stale_temps, read_jsonl, rewrite_jsonl, write_json
+from tinyset.files import (RunLock, atomic_path, clean_stale_temps, read_jsonl, read_tagged_safetensors, rewrite_jsonl,
+                           write_json)
 from tinyset.hparams import Resolved, resolve
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillContext, Distiller, check_init
@@ -157,17 +157,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """Tensors and header of a checkpoint (safetensors only: nothing is unpickled), checked."""
     if not path.is_file():
         raise ArtifactError(f"--resume: no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("tinyset", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ArtifactError(f"{path}: not a readable tinyset checkpoint ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{path}: not a tinyset checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    if header.get("format_version") != CHECKPOINT_VERSION:
-        raise ArtifactError(f"{path}: checkpoint format version {header.get('format_version')!r}; this tinyset "
-                            f"resumes version {CHECKPOINT_VERSION} (start a new run in another --out)")
+    tensors, header = read_tagged_safetensors(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
     expect = {"iteration": int, "identity": dict, "config": dict, "optimizers": dict, "elapsed_s": (int, float)}
     for key, typ in expect.items():
         if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):

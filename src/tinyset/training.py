@@ -282,8 +282,14 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
                    generator: torch.Generator, augment: DSA | None = None,
                    on_epoch: EpochHook | None = None, on_step: StepHook | None = None,
-                   on_batch: BatchHook | None = None, early_stop: EarlyStopping | None = None) -> TinyNet:
+                   on_batch: BatchHook | None = None, early_stop: EarlyStopping | None = None,
+                   member_data: bool = False) -> TinyNet:
     """Train every member of ``model`` on ``(images, labels)`` with SGD; returns the model.
+
+    ``member_data=True``: every member trains on its own set of ``S`` images, given member-major
+    (``images [M*S, ...]``: member ``m`` owns rows ``m*S:(m+1)*S``; the same for ``labels``);
+    shuffles, batches and everything else are as with one shared set of ``S`` images (the hooks'
+    indices are rows of ``images``).
 
     ``images`` are normalised float ``[S, C, H, W]``; ``labels`` are int64 class indices ``[S]`` or
     soft labels ``[S, K]`` (probability rows). The model is put in train mode. Every epoch each
@@ -303,6 +309,12 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
         raise ConfigError("train_ensemble: the training set is empty")
     if labels.shape[0] != s:
         raise ConfigError(f"train_ensemble: {s} images but {labels.shape[0]} labels")
+    offsets = None
+    if member_data:
+        if s % m:
+            raise ConfigError(f"train_ensemble: member_data needs {m} equal per-member sets, got {s} images")
+        s //= m
+        offsets = (torch.arange(m) * s).view(m, 1)  # member m's rows start at m*S
     c, h, w = images.shape[1:]
     soft = labels.dim() == 2
     bs = min(settings.batch_size, s)
@@ -324,6 +336,8 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
         for b0 in range(0, s, bs):
             idx = perms[:, b0:b0 + bs]  # [M, B]
+            if offsets is not None:
+                idx = idx + offsets
             b = idx.shape[1]
             flat = idx.reshape(-1).to(device)
             x = images.index_select(0, flat)  # [M*B, C, H, W], member-major

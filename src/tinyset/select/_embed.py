@@ -15,16 +15,19 @@ Both stages show a tqdm progress bar (on stderr, hidden when it is not a termina
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
 from tinyset.data.base import ImageDataset
 from tinyset.errors import ConfigError
+from tinyset.hparams import hp
 from tinyset.models import create_model
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast, resolve_precision
 from tinyset.select import greedy
-from tinyset.select.base import Selection, per_class_indices
+from tinyset.select.base import Selection, SelectorOptions, per_class_indices, with_options
 from tinyset.training import TrainSettings, train_ensemble
 
 
@@ -96,6 +99,17 @@ def greedy_selection(train: ImageDataset, ipc: int, emb: torch.Tensor, criterion
                                 f"-inf for samples never picked")
 
 
+@dataclass
+class EmbeddingOptions(SelectorOptions):
+    """The options of the embedding selectors (herding, k-center)."""
+
+    model: str = hp("convnet", "network whose embeddings (model.embed) are compared")
+    pretrain_epochs: int = hp(0, "epochs of training on the real data first (0: a random network)", ge=0)
+    batch_size: int = hp(1000, "images embedded (and trained on) per batch", ge=1)
+    precision: str = hp("fp32", "autocast precision (auto: bf16 on a CPU with native bf16)",
+                        choices=("auto", "fp32", "bf16"))
+
+
 def embedding_selector(criterion: greedy.CriterionFactory, name: str, doc: str):
     """A selector that embeds the training set with a network and runs ``criterion`` greedily per class."""
 
@@ -107,7 +121,7 @@ def embedding_selector(criterion: greedy.CriterionFactory, name: str, doc: str):
         return greedy_selection(train, ipc, emb, criterion, name=name)
 
     selector.__doc__ = doc
-    return selector
+    return with_options(EmbeddingOptions)(selector)
 
 
-__all__ = ["embed_dataset", "greedy_selection", "embedding_selector"]
+__all__ = ["EmbeddingOptions", "embed_dataset", "greedy_selection", "embedding_selector"]

@@ -4,14 +4,23 @@ A :class:`Selection` is the chosen indices plus one score per training sample, s
 behind a selection can be inspected, saved, or reused with another ``ipc`` via :func:`top_per_class`
 (the helper for rankers: random draws, forgetting counts, and future ones such as mutual information
 or a learned policy).
+
+Every selector declares its options as a typed :class:`SelectorOptions` dataclass (fields made with
+:func:`tinyset.hparams.hp`: default, help, range) attached with :func:`with_options`; the values of a
+run are resolved through :func:`tinyset.hparams.resolve` (defaults, a recipe, a TOML file, ``--set``,
+Python keyword arguments), each value recorded with where it came from. A selector that runs for
+many iterations and can be checkpointed also takes ``run=``, a :class:`RunControl`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from tinyset.data.base import ImageDataset
+from tinyset.hparams import HParams
 
 
 @dataclass
@@ -30,6 +39,8 @@ class Selection:
     indices: torch.Tensor
     scores: torch.Tensor
     order_note: str = ""
+    #: what an iterative selector wants kept with the set (stored as ``meta["selector_record"]``)
+    record: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.indices = torch.as_tensor(self.indices).detach().to("cpu", torch.long).reshape(-1)
@@ -72,4 +83,56 @@ def top_per_class(scores: torch.Tensor, labels: torch.Tensor, ipc: int, num_clas
     return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
 
 
-__all__ = ["Selection", "per_class_indices", "top_per_class"]
+@dataclass
+class SelectorOptions(HParams):
+    """Base of every selector's typed options (a selector without options uses it as is)."""
+
+
+def with_options(cls: type[SelectorOptions]) -> Callable[[Callable[..., Selection]], Callable[..., Selection]]:
+    """Decorator: attach the typed options ``cls`` to a selector function (as ``fn.Options``).
+
+    The field names must be the selector's keyword options (checked at registration time)."""
+
+    def attach(fn: Callable[..., Selection]) -> Callable[..., Selection]:
+        import inspect
+
+        params = set(list(inspect.signature(fn).parameters)[4:]) - {"run"}
+        names = set(cls.specs())
+        if params != names:
+            raise TypeError(f"{cls.__name__} fields {sorted(names)} do not match the keyword options of "
+                            f"{fn.__name__} {sorted(params)}")
+        fn.Options = cls  # type: ignore[attr-defined]
+        return fn
+
+    return attach
+
+
+def options_class(fn: Callable[..., Selection]) -> type[SelectorOptions]:
+    """The typed options of a selector function (:class:`SelectorOptions` itself when it has none)."""
+    return getattr(fn, "Options", SelectorOptions)
+
+
+@dataclass
+class RunControl:
+    """How an iterative selector checkpoints (passed as ``run=`` to selectors that accept it).
+
+    ``checkpoint``: the checkpoint file (``None``: no checkpoints); ``resume``: continue from it;
+    ``checkpoint_every``: iterations between checkpoints (one is also written after the last
+    iteration and when SIGINT/SIGTERM stops the run); ``on_iteration(iteration, total, record)``:
+    called after every iteration (progress bars).
+    """
+
+    checkpoint: Path | None = None
+    resume: bool = False
+    checkpoint_every: int = 1
+    on_iteration: Callable[[int, int, dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint = Path(self.checkpoint)
+        if self.resume and self.checkpoint is None:
+            raise ValueError("RunControl: resume needs a checkpoint path")
+
+
+__all__ = ["Selection", "SelectorOptions", "RunControl", "with_options", "options_class", "per_class_indices",
+           "top_per_class"]

@@ -19,17 +19,19 @@ affordable on a CPU. The selection's scores are the forgetting counts (``inf`` f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from tinyset.data.base import ImageDataset
 from tinyset.errors import ConfigError
+from tinyset.hparams import hp
 from tinyset.models import create_model
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import resolve_precision
 from tinyset.select import SELECTORS
-from tinyset.select.base import Selection, per_class_indices, top_per_class
+from tinyset.select.base import Selection, SelectorOptions, per_class_indices, top_per_class, with_options
 from tinyset.training import TrainSettings, train_ensemble
 
 
@@ -109,7 +111,22 @@ def forgetting_history(train: ImageDataset, generator: torch.Generator, device: 
     return history
 
 
+@dataclass
+class ForgettingOptions(SelectorOptions):
+    """The options of ``forgetting``."""
+
+    model: str = hp("convnet", "network trained on the real data while forgetting events are counted")
+    epochs: int = hp(3, "training epochs (presentations of every example)", ge=1)
+    batch_size: int = hp(256, "batch size", ge=1)
+    lr: float = hp(0.01, "SGD learning rate (constant)", gt=0)
+    precision: str = hp("auto", "autocast precision (auto: bf16 on a CPU with native bf16)",
+                        choices=("auto", "fp32", "bf16"))
+    max_train: int = hp(None, "class-stratified subsample trained on (none: the whole training split)", ge=1,
+                        optional=True)
+
+
 @SELECTORS.register("forgetting", help="per class, the most-forgotten examples while training a ConvNet (Toneva 2019)")
+@with_options(ForgettingOptions)
 def forgetting_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
                       model: str = "convnet", epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
                       precision: str = "auto", max_train: int | None = None) -> Selection:
@@ -137,5 +154,5 @@ def forgetting_select(train: ImageDataset, ipc: int, generator: torch.Generator,
                                 "-inf = not in the max_train subsample)")
 
 
-__all__ = ["count_forgetting", "most_forgotten", "stratified_subset", "forgetting_history",
+__all__ = ["ForgettingOptions", "count_forgetting", "most_forgotten", "stratified_subset", "forgetting_history",
            "forgetting_select"]

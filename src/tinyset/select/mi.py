@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +53,12 @@ from tqdm import tqdm
 
 from tinyset.data.base import ImageDataset
 from tinyset.errors import ConfigError, NumericalError
+from tinyset.hparams import hp
 from tinyset.models import MODELS, create_model
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import autocast, resolve_precision
 from tinyset.select import SELECTORS, greedy
-from tinyset.select.base import Selection
+from tinyset.select.base import Selection, SelectorOptions, with_options
 from tinyset.select.forgetting import stratified_subset
 from tinyset.training import TrainSettings, check_number, train_ensemble
 
@@ -367,8 +369,35 @@ def _check_options(estimator: str, model: str, epochs: int, k: int, alpha: float
     MODELS.get(model)  # ConfigError naming the known models
 
 
+@dataclass
+class MIOptions(SelectorOptions):
+    """The options of ``mi`` (``tinyset select --method mi --set KEY=VALUE``; see the module docstring)."""
+
+    estimator: str = hp("probe", "p(y|x) estimator: probe (cross-fitted, temperature-calibrated logistic "
+                                 "probe) or knn (k-nearest-neighbour vote)", choices=ESTIMATORS)
+    diversity: float = hp(0.0, "penalty x max cosine similarity to the already chosen samples of the class "
+                               "(0: plain top-k)", ge=0)
+    model: str = hp("convnet-w32", "network trained briefly on the fit part to embed the images")
+    epochs: int = hp(1, "training epochs of that network (0: a random network)", ge=0)
+    max_train: int = hp(10000, "class-stratified subsample of the fit part the network trains on (none: all)",
+                        ge=1, optional=True)
+    val_fraction: float = hp(0.1, "fraction of every class held out to calibrate the probe", gt=0, lt=1)
+    k: int = hp(10, "knn: neighbours that vote", ge=1)
+    alpha: float = hp(1.0, "knn: additive smoothing of the vote", gt=0)
+    knn_reference: int = hp(20000, "knn: class-stratified reference samples (none: all)", ge=2, optional=True)
+    dim: int = hp(64, "principal components of the standardised embeddings kept (0: all)", ge=0)
+    batch_size: int = hp(256, "batch size of the network's training", ge=1)
+    lr: float = hp(0.01, "SGD learning rate of the network's training", gt=0)
+    precision: str = hp("auto", "autocast precision of the network (auto: bf16 on a CPU with native bf16)",
+                        choices=("auto", "fp32", "bf16"))
+    folds: int = hp(2, "probe: cross-fitting folds (1: one in-sample probe)", ge=1)
+    probe_l2: float = hp(1e-3, "probe: L2 penalty on the weights", ge=0)
+    probe_iters: int = hp(100, "probe: L-BFGS iterations", ge=1)
+
+
 @SELECTORS.register("mi", help="per class, highest pointwise mutual information log p(y|x) - log p(y) on "
                                "embeddings of a briefly trained ConvNet (calibrated probe or k-NN)")
+@with_options(MIOptions)
 def mi_select(train: ImageDataset, ipc: int, generator: torch.Generator, device: torch.device,
               estimator: str = "probe", diversity: float = 0.0, model: str = "convnet-w32", epochs: int = 1,
               max_train: int | None = 10000, val_fraction: float = 0.1, k: int = 10, alpha: float = 1.0,
@@ -424,6 +453,6 @@ def mi_select(train: ImageDataset, ipc: int, generator: torch.Generator, device:
                                                                f"cosine similarity" if diversity else ""))
 
 
-__all__ = ["ESTIMATORS", "holdout_indices", "train_and_embed", "standardize_", "fit_probe", "fit_temperature",
+__all__ = ["ESTIMATORS", "MIOptions", "holdout_indices", "train_and_embed", "standardize_", "fit_probe", "fit_temperature",
            "label_log_odds", "log_prob_of_label", "stratified_folds", "probe_log_likelihood", "pca_reduce",
            "knn_log_likelihood", "DiversityCriterion", "choose", "mi_select"]

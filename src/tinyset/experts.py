@@ -53,6 +53,11 @@ epoch of every chunk, always after that epoch's shard: a ``kill -9`` loses at mo
 progress (of the ``members`` experts being trained together; ``members=1`` loses one epoch of one
 expert). ``--resume`` continues every unfinished chunk from its last completed epoch, bit-exactly
 on CPU.
+
+With ``settings.curriculum`` (a :class:`Curriculum`, PAD's data selection) every epoch trains on a
+subset of the training images chosen by their EL2N difficulty (easy first, harder added, easiest
+removed late); the schedule, the scores' provenance and the per-epoch subset sizes are recorded in
+the manifest, the scores in ``DIR/difficulty.safetensors``.
 """
 from __future__ import annotations
 
@@ -73,7 +78,7 @@ from tinyset.augment import DSA, default_strategy
 from tinyset.data.base import DatasetInfo, ImageDataset, split_validation
 from tinyset.data.zca import Zca
 from tinyset.errors import ArtifactError, ConfigError
-from tinyset.files import RunLock, atomic_path, clean_stale_temps, write_json
+from tinyset.files import RunLock, atomic_path, clean_stale_temps, read_tagged_safetensors, write_json
 from tinyset.models import MODELS, TinyNet, create_model, extract_member, stack_members
 from tinyset.rng import make_generator
 from tinyset.runtime import resolve_precision
@@ -115,9 +120,12 @@ class ExpertSettings:
     precision: str = "fp32"  # fp32 | bf16 | auto
     compile: bool | None = None  # None: on CPU when a chunk takes at least COMPILE_MIN_STEPS steps
     zca: bool = False  # train on ZCA-whitened images (tinyset.data.zca)
+    curriculum: "Curriculum | None" = None  # PAD's data-selection schedule (see Curriculum); None: all data
 
     def __post_init__(self) -> None:
         own = "experts"
+        if self.curriculum is not None and not isinstance(self.curriculum, Curriculum):
+            raise ConfigError(f"experts curriculum must be a Curriculum or None, got {self.curriculum!r}")
         self.epochs = check_number(own, "epochs", self.epochs, low=1, high=100_000, integer=True)
         self.lr = check_number(own, "lr", self.lr, low=0, low_open=True)
         self.weight_decay = check_number(own, "weight_decay", self.weight_decay, low=0)
@@ -178,6 +186,8 @@ def _identity(info: DatasetInfo, model: str, model_args: dict, settings: ExpertS
         "members": settings.members,
         "validation": {"per_class": val_per_class, "split": "held out of the training split",
                        "seed": sub_seed(seed, "validation")},
+        # only with a curriculum, so plain sets (and their resumes) stay as they were
+        **({"curriculum": settings.curriculum.describe(settings.epochs, seed)} if settings.curriculum else {}),
     }
 
 
@@ -212,25 +222,7 @@ def _read_shard(path: Path, keys: Sequence[str] | None = None) -> tuple[dict[str
     """Tensors (all, or only ``keys``) and header of one shard, checked; never unpickles."""
     if not path.is_file():
         raise ArtifactError(f"{path}: missing expert shard (the manifest lists this epoch as completed)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = json.loads((f.metadata() or {}).get("tinyset", "{}"))
-            have = set(f.keys())
-            wanted = sorted(have) if keys is None else list(keys)
-            missing = [k for k in wanted if k not in have]
-            if missing:
-                raise ArtifactError(f"{path}: no tensor {missing[0]!r} in this expert shard")
-            tensors = {k: f.get_tensor(k) for k in wanted}
-    except ArtifactError:
-        raise
-    except Exception as exc:
-        raise ArtifactError(f"{path}: not a readable expert shard ({type(exc).__name__}: {exc})") from None
-    if not isinstance(header, dict) or header.get("format") != SHARD_FORMAT:
-        raise ArtifactError(f"{path}: not a tinyset expert shard (no '{SHARD_FORMAT}' header)")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: expert shard format version {header.get('format_version')!r}; this "
-                            f"tinyset reads version {FORMAT_VERSION}")
-    return tensors, header
+    return read_tagged_safetensors(path, SHARD_FORMAT, FORMAT_VERSION, "expert shard", keys)
 
 
 def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, model: str = "convnet",
@@ -299,6 +291,11 @@ def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, mo
             write_json(manifest_path, manifest)
         if zca is not None:
             zca.save(out / ZCA_FILE)
+        order = None
+        if settings.curriculum is not None:
+            order = settings.curriculum.prepare(fit, out, key, dict(model_args or {}), seed, device, precision)
+            manifest["curriculum_sizes"] = [int(settings.curriculum.subset(e, order, settings.epochs).numel())
+                                            for e in range(settings.epochs)]
         records = manifest["experts"]
         total = num_experts * settings.epochs
         done = float(sum(max(0, r["completed_epoch"]) for r in records))
@@ -351,7 +348,9 @@ def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, mo
                     base = done
                     step_cb = (lambda _e, k, n, _b=base, _w=len(members):  # noqa: E731
                                progress(_b + _w * k / n, total, {"kind": "step", "chunk": c, "epoch": ep + 1}))
-                train_ensemble(net, x, y, ts, gen, augment, on_epoch=lambda _e, loss, _a: losses.append(loss),
+                ex, ey = (x, y) if order is None else _rows(x, y, settings.curriculum.subset(ep, order,
+                                                                                     settings.epochs))
+                train_ensemble(net, ex, ey, ts, gen, augment, on_epoch=lambda _e, loss, _a: losses.append(loss),
                                on_step=step_cb)
                 accs = test_accuracy(net, val_x, val_y, precision=precision, compile=compile_)
                 _save_shard(out, c, ep + 1, members, net, gen)
@@ -555,5 +554,128 @@ def check_compatible(experts: ExpertSet, info: DatasetInfo, model: str, zca: boo
                           f"zca={str(experts.zca).lower()} or train experts {'with' if zca else 'without'} --zca)")
 
 
-__all__ = ["ExpertSet", "ExpertSettings", "train_experts", "check_compatible", "sub_seed", "shard_name",
-           "default_val_per_class", "MANIFEST", "ZCA_FILE", "FORMAT", "SHARD_FORMAT", "FORMAT_VERSION"]
+# ---------------------------------------------------------------------------------- data-selection curriculum (PAD)
+#: the difficulty scores of a curriculum expert set (EL2N of every training image, validation split excluded)
+DIFFICULTY_FILE = "difficulty.safetensors"
+
+
+def _rows(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = idx.to(x.device)
+    return x.index_select(0, idx), y.index_select(0, idx)
+
+
+@dataclass
+class Curriculum:
+    """PAD's data selection for expert trajectories (Li et al. 2024, upstream ``buffer/buffer_CL.py``).
+
+    The training images of every class are ordered from easy to hard by a difficulty score (EL2N,
+    :func:`tinyset.select.el2n.el2n_scores`, of ``el2n_members`` networks of the experts'
+    architecture trained ``el2n_epochs`` epochs; upstream loads a precomputed GraNd ordering). For
+    0-based training epoch ``e``, class ``c`` with ``n_c`` images trains on:
+
+    * ``e <= add_end_epoch``: its ``floor(p * n_c)`` easiest images, ``p = min(1, init_ratio +
+      (1 - init_ratio) * e / add_end_epoch)`` (harder images are added linearly);
+    * ``add_end_epoch < e <= rm_epoch_first``: all of them;
+    * ``rm_epoch_first < e <= rm_epoch_second``: all but its ``floor(rm_easy_ratio_first * n_c)`` easiest;
+    * later: all but its ``floor(rm_easy_ratio_second * n_c)`` easiest.
+
+    At least one image per class is kept. Ratios and epochs default to upstream's README command
+    (``--init_ratio 0.75 --add_end_epoch 20 --rm_epoch_first 40 --rm_epoch_second 60
+    --rm_easy_ratio_first 0.1 --rm_easy_ratio_second 0.2`` for 100 epochs); epochs left ``None``
+    are those values scaled to the run's length (20%, 40%, 60% of the epochs, rounded).
+    """
+
+    init_ratio: float = 0.75
+    add_end_epoch: int | None = None
+    rm_epoch_first: int | None = None
+    rm_epoch_second: int | None = None
+    rm_easy_ratio_first: float = 0.1
+    rm_easy_ratio_second: float = 0.2
+    el2n_epochs: int = 3
+    el2n_members: int = 4
+
+    def __post_init__(self) -> None:
+        own = "curriculum"
+        self.init_ratio = check_number(own, "init_ratio", self.init_ratio, low=0, high=1, low_open=True)
+        for name in ("rm_easy_ratio_first", "rm_easy_ratio_second"):
+            setattr(self, name, check_number(own, name, getattr(self, name), low=0, high=1, high_open=True))
+        for name in ("add_end_epoch", "rm_epoch_first", "rm_epoch_second"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(own, name, getattr(self, name), low=1, high=100_000, integer=True))
+        self.el2n_epochs = check_number(own, "el2n_epochs", self.el2n_epochs, low=1, high=1000, integer=True)
+        self.el2n_members = check_number(own, "el2n_members", self.el2n_members, low=1, high=64, integer=True)
+
+    def epochs_for(self, epochs: int) -> tuple[int, int, int]:
+        """``(add_end_epoch, rm_epoch_first, rm_epoch_second)`` for a run of ``epochs`` epochs, checked."""
+        add = self.add_end_epoch if self.add_end_epoch is not None else max(1, round(0.2 * epochs))
+        first = self.rm_epoch_first if self.rm_epoch_first is not None else max(add, round(0.4 * epochs))
+        second = self.rm_epoch_second if self.rm_epoch_second is not None else max(first, round(0.6 * epochs))
+        if not add <= first <= second:
+            raise ConfigError(f"curriculum epochs must satisfy add_end_epoch <= rm_epoch_first <= rm_epoch_second, "
+                              f"got {add}, {first}, {second}")
+        return add, first, second
+
+    def ratio(self, epoch: int, epochs: int) -> tuple[str, float]:
+        """``("keep", p)``: the easiest share ``p`` of every class; ``("drop", r)``: all but the easiest ``r``."""
+        add, first, second = self.epochs_for(epochs)
+        if epoch <= add:
+            return "keep", min(1.0, self.init_ratio + (1 - self.init_ratio) * epoch / add)
+        if epoch <= first:
+            return "keep", 1.0
+        return "drop", self.rm_easy_ratio_first if epoch <= second else self.rm_easy_ratio_second
+
+    def subset(self, epoch: int, order: Sequence[torch.Tensor], epochs: int) -> torch.Tensor:
+        """Sorted indices of the images 0-based epoch ``epoch`` of a run of ``epochs`` epochs trains on;
+        ``order``: per class, easy to hard (:func:`tinyset.select.el2n.easy_to_hard`)."""
+        kind, r = self.ratio(epoch, epochs)
+        picks = []
+        for idx in order:
+            n = idx.numel()
+            if kind == "keep":
+                picks.append(idx[:max(1, min(n, int(r * n)))])
+            else:
+                picks.append(idx[min(n - 1, int(r * n)):])
+        return torch.cat(picks).sort().values
+
+    def describe(self, epochs: int, seed: int) -> dict[str, Any]:
+        """The schedule and the scores' provenance, as recorded in the manifest."""
+        add, first, second = self.epochs_for(epochs)
+        return {"source": "PAD (Li et al. 2024), NUS-HPC-AI-Lab/PAD buffer/buffer_CL.py",
+                "init_ratio": self.init_ratio, "add_end_epoch": add, "rm_epoch_first": first,
+                "rm_epoch_second": second, "rm_easy_ratio_first": self.rm_easy_ratio_first,
+                "rm_easy_ratio_second": self.rm_easy_ratio_second,
+                "scores": {"method": "el2n", "paper": "Paul et al. 2021 (EL2N, early in training)",
+                           "file": DIFFICULTY_FILE, "members": self.el2n_members, "epochs": self.el2n_epochs,
+                           "optimizer": "sgd lr 0.01 momentum 0.9 weight decay 5e-4, batch 256, no augmentation",
+                           "data": "the training split minus the validation split, normalised (never whitened)",
+                           "seed": sub_seed(seed, "el2n")}}
+
+    def prepare(self, fit: ImageDataset, out: Path, model: str, model_args: Mapping[str, Any], seed: int,
+                device: torch.device, precision: str) -> list[torch.Tensor]:
+        """The per-class easy-to-hard order of ``fit``: EL2N scores read from ``out/difficulty.safetensors``
+        when present (a resume), else computed (seeded) and written there."""
+        from tinyset.select.el2n import easy_to_hard, el2n_scores
+
+        path = out / DIFFICULTY_FILE
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    scores = f.get_tensor("scores")
+            except Exception as exc:
+                raise ArtifactError(f"{path}: not a readable difficulty file ({type(exc).__name__}: {exc})") from None
+            if tuple(scores.shape) != (len(fit),):
+                raise ArtifactError(f"{path}: {tuple(scores.shape)} scores, the training split has {len(fit)} images")
+        else:
+            scores = el2n_scores(fit, make_generator(sub_seed(seed, "el2n")), device, model=model,
+                                 members=self.el2n_members, epochs=self.el2n_epochs, precision=precision,
+                                 model_args=model_args)
+            with atomic_path(path) as tmp:
+                save_file({"scores": scores.contiguous(), "labels": fit.labels.cpu().contiguous()}, str(tmp),
+                          metadata={"tinyset": json.dumps({"format": "tinyset.difficulty", "method": "el2n",
+                                                           "higher": "harder"})})
+        return easy_to_hard(scores, fit.labels, fit.info.num_classes)
+
+
+__all__ = ["ExpertSet", "ExpertSettings", "Curriculum", "train_experts", "check_compatible", "sub_seed", "shard_name",
+           "default_val_per_class", "MANIFEST", "ZCA_FILE", "DIFFICULTY_FILE", "FORMAT", "SHARD_FORMAT",
+           "FORMAT_VERSION"]

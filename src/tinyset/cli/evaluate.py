@@ -24,7 +24,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                         "quick (smoke test), fulldata (6 epochs, default of baseline), fulldata-long "
                         "(16 epochs, DSA, 3 nets), dsa-learned-lr (dsa with the set's learned lr, for MTT sets), "
                         "dsa-early (dsa with early stopping on a validation split of the training data), dc (the DC paper's "
-                        "evaluation of DC-made sets: 1000 epochs with its crop/scale/rotate/noise augmentation)")
+                        "evaluation of DC-made sets: 1000 epochs with its crop/scale/rotate/noise augmentation); krr / "
+                        "krr-random: kernel ridge regression on the set with features of networks trained briefly on "
+                        "it / freshly initialised (no SGD classifier; results never mixed with the others)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from tinyset.evaluate import evaluate_synset
 
     models = parse_models(args.models)
+    if args.protocol is not None and registered_evaluator(args.protocol) is not None:
+        return run_registered(args, models, registered_evaluator(args.protocol))
     protocol = protocol_from(args, "dsa")
     check_distinct("--json", args.json_out, "the input", args.file)
     check_distinct("--json", args.json_out, "--baseline-json", args.baseline_json)
@@ -113,6 +117,30 @@ def run(args: argparse.Namespace) -> int:
         from tinyset.evaluate.timing import format_time_saved, time_saved
 
         print(format_time_saved(time_saved(res, baseline), args.baseline_json))
+    return 0
+
+
+def registered_evaluator(name: str) -> Any:
+    """The non-SGD protocol registered as ``name`` (``krr``, ...), or None for a preset name."""
+    from tinyset.evaluate.protocol import EVALUATORS
+
+    return EVALUATORS.get(name) if name in EVALUATORS else None
+
+
+def run_registered(args: argparse.Namespace, models: list[str], evaluator: Any) -> int:
+    """``--protocol NAME`` of :data:`tinyset.evaluate.protocol.EVALUATORS`: evaluate, print, write JSON."""
+    from tinyset.evaluate import format_table
+
+    check_json_out(args)
+    check_distinct("--json", args.json_out, "the input", args.file)
+    synset = load_synset(args.file)
+    test = load_split(args, synset.info.name, "test")
+    res = evaluator(synset, test, models, args.seed, args.runtime.device, args.runtime.precision, args.num_models)
+    res.file, res.runtime = str(args.file), args.runtime.to_dict()
+    print(format_table(res.results, title=f"{args.file}: {len(synset)} images of {synset.info.name}, method "
+                                          f"{synset.meta.get('method')}"))
+    print(f"protocol {res.protocol['name']}: {res.protocol['source']}")
+    write_result_json(args, res)
     return 0
 
 

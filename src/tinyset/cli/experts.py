@@ -37,6 +37,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zca", action="store_true",
                    help="train on ZCA-whitened images (fitted on the training images, eps 0.1 as the MTT reference; "
                         "stored as DIR/zca.safetensors); distill with --set zca=true")
+    p.add_argument("--curriculum", choices=("none", "el2n"), default="none",
+                   help="PAD's data selection (buffer_CL.py): train early epochs on the easier share of every class "
+                        "by EL2N difficulty, add harder images linearly, remove the easiest late (default: none, "
+                        "every epoch on all images)")
+    p.add_argument("--init-ratio", type=number(float, low=0, high=1, low_open=True), default=0.75,
+                   help="--curriculum: easiest share of every class at epoch 0 (default: 0.75, PAD's README)")
+    p.add_argument("--add-end-epoch", type=number(int, low=1, high=100_000), default=None,
+                   help="--curriculum: epoch by which every image is in (default: 20%% of --epochs; PAD: 20 of 100)")
+    p.add_argument("--rm-epochs", type=_two(int), default=None, metavar="FIRST,SECOND",
+                   help="--curriculum: epochs after which the easiest images are removed (default: 40%%,60%% of "
+                        "--epochs; PAD: 40,60 of 100)")
+    p.add_argument("--rm-easy-ratios", type=_two(float), default=(0.1, 0.2), metavar="FIRST,SECOND",
+                   help="--curriculum: easiest share of every class removed in the two stages (default: 0.1,0.2)")
+    p.add_argument("--el2n-epochs", type=number(int, low=1, high=1000), default=3,
+                   help="--curriculum: epochs the EL2N scoring networks train before scoring (default: 3)")
+    p.add_argument("--el2n-members", type=number(int, low=1, high=64), default=4,
+                   help="--curriculum: networks the EL2N score is averaged over (default: 4)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the networks (auto: on CPU when a chunk takes at least 300 steps)")
     p.add_argument("--out", default=None, help="expert folder (default: runs/experts_DATASET_MODEL_seedS)")
@@ -44,6 +61,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the expert set in --out from its last completed epochs (same settings)")
     add_data_options(p)
     add_runtime_options(p)
+
+
+def _two(kind: type):
+    """``A,B`` -> a pair of numbers (argparse type)."""
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return tuple(kind(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected two {kind.__name__}s as FIRST,SECOND, got {text!r}") from None
+    return parse
+
+
+def curriculum_from_args(args: argparse.Namespace):
+    """The :class:`tinyset.experts.Curriculum` the flags ask for, or None (``--curriculum none``)."""
+    from tinyset.experts import Curriculum
+
+    if getattr(args, "curriculum", "none") == "none":
+        return None
+    first, second = args.rm_epochs if args.rm_epochs is not None else (None, None)
+    return Curriculum(init_ratio=args.init_ratio, add_end_epoch=args.add_end_epoch, rm_epoch_first=first,
+                      rm_epoch_second=second, rm_easy_ratio_first=args.rm_easy_ratios[0],
+                      rm_easy_ratio_second=args.rm_easy_ratios[1], el2n_epochs=args.el2n_epochs,
+                      el2n_members=args.el2n_members)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, lr_decay=args.lr_decay, members=args.members,
                               val_per_class=args.val_per_class, dsa_strategy=args.dsa_strategy,
                               precision=rt.precision, compile={"auto": None, "on": True, "off": False}[args.compile],
-                              zca=args.zca)
+                              zca=args.zca, curriculum=curriculum_from_args(args))
+    if settings.curriculum is not None:
+        settings.curriculum.epochs_for(settings.epochs)  # refuse an inconsistent schedule before any work
     if settings.dsa_strategy is not None:
         from tinyset.augment import parse_strategy
 
@@ -101,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     mean = sum(finals) / len(finals) if finals else float("nan")
     print(f"{len(finals)} experts ({experts.model}, {experts.epochs} epochs each) in {out}; validation accuracy "
           f"after the last epoch: mean {100 * mean:.1f}% ({experts.manifest['val_images']} held-out training images)")
-    print(f"distill with them: tinyset distill --method mtt --dataset {args.dataset} --ipc K --model {experts.model} "
+    method = "pad" if "curriculum" in experts.manifest else "mtt"
+    print(f"distill with them: tinyset distill --method {method} --dataset {args.dataset} --ipc K --model {experts.model} "
           f"--set experts={out}" + (" --set zca=true" if experts.zca else ""))
     return 0

@@ -16,8 +16,14 @@ import torch
 from tinyset.augment import AUGMENTATIONS, parse_dc_strategy
 from tinyset.data.base import ImageDataset, split_validation
 from tinyset.errors import ConfigError
+from tinyset.registry import Registry
 from tinyset.rng import make_generator
 from tinyset.training import EarlyStopping, check_number
+
+#: evaluation protocols that do not train networks by SGD (not :class:`Protocol` presets): name ->
+#: ``run(synset, test, models, seed, device, precision, num_models) -> EvaluationResult``; each
+#: records its own protocol name (``krr-...`` for kernel ridge regression, :mod:`tinyset.evaluate.krr`)
+EVALUATORS: Registry = Registry("evaluation protocol")
 
 
 @dataclass(frozen=True)
@@ -236,3 +242,13 @@ def stop_record(stopper: EarlyStopping | None, epochs: int) -> dict[str, Any]:
     r = stopper.record()
     return {"epochs_trained": r["epochs_run"], "val_seconds": r["val_seconds"], "stop_epochs": r["stop_epochs"],
             "best_epochs": r["best_epochs"], "val_accuracies": r["val_accuracies"]}
+
+
+def _register_evaluators() -> None:
+    """Import the modules that register non-SGD protocols in :data:`EVALUATORS` (they import this one)."""
+    import importlib
+
+    importlib.import_module("tinyset.evaluate.krr")
+
+
+_register_evaluators()

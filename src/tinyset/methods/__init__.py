@@ -9,6 +9,6 @@ from tinyset.registry import Registry
 
 METHODS: Registry = Registry("method")
 
-from tinyset.methods import datadam, dc, dm, gan, mtt  # noqa: E402,F401  (each module registers itself)
+from tinyset.methods import datadam, dc, dm, gan, krr, mtt, pad  # noqa: E402,F401  (each module registers itself)
 
 __all__ = ["METHODS"]

@@ -1,7 +1,9 @@
-"""Seconds and peak memory of ``tinyset select``: the ``mi`` selector (both estimators) and ``random``.
+"""Seconds and peak memory of ``tinyset select``: ``random``, the ``mi`` selector (both estimators)
+and the ``rl`` selector under its recipes (``mps1``, ``mps2u``, ``mutual-info``).
 
-Setting (the ``mi`` issue): MNIST training split (60,000 images), 10 and 50 images per class, the
-selectors' default options, seed 0. Target: ``select --method mi`` within 2 minutes on a 2-core CPU.
+Setting (issue #11): MNIST training split (60,000 images), 10 and 50 images per class, the
+selectors' default options or the recipe's values, seed 0. Targets on a 2-core CPU: ``select
+--method mi`` within 2 minutes, ``select --method rl`` at ipc 50 within 10 minutes.
 
 Every (method, ipc) runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its
 own and no run profits from another's warm caches. A run's seconds are those of
@@ -28,6 +30,9 @@ RUNS = [
     ("random", "random", {}),
     ("mi (probe)", "mi", {"estimator": "probe"}),
     ("mi (knn)", "mi", {"estimator": "knn"}),
+    ("rl (mps1)", "rl", {"recipe": "mps1"}),
+    ("rl (mps2u)", "rl", {"recipe": "mps2u"}),
+    ("rl (mutual-info)", "rl", {"recipe": "mutual-info"}),
 ]
 
 
@@ -47,7 +52,7 @@ def one_run(args: argparse.Namespace) -> None:
 
     rt = resolve_runtime("cpu", "auto")  # threads as the tinyset command sets them (OMP_NUM_THREADS, CPUs)
     tune_allocator()  # as the tinyset command does
-    options = json.loads(args.options)
+    options = json.loads(args.options)  # selector options, or {"recipe": NAME}
     t = time.perf_counter()
     train = load_dataset(args.dataset, "train", root=args.data_root)
     load_s = time.perf_counter() - t
@@ -91,12 +96,12 @@ def main() -> None:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             wall = time.perf_counter() - t
             if proc.returncode != 0:
-                print(f"{label:11s} ipc {ipc:3d}: FAILED (exit {proc.returncode})", flush=True)
+                print(f"{label:16s} ipc {ipc:3d}: FAILED (exit {proc.returncode})", flush=True)
                 rows.append({"run": label, "ipc": ipc, "failed": proc.returncode})
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append({"run": label, "ipc": ipc, "process_wall_seconds": wall, **r})
-            print(f"{label:11s} ipc {ipc:3d}: select {r['seconds']:7.1f} s  (load {r['load_seconds']:.1f} s, "
+            print(f"{label:16s} ipc {ipc:3d}: select {r['seconds']:7.1f} s  (load {r['load_seconds']:.1f} s, "
                   f"whole process {wall:.1f} s)  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
                   f"threads {r['threads']}  {r['precision']}  per class {r['per_class']}", flush=True)
     if args.json:

@@ -532,24 +532,42 @@ class TrajectoryMatching(Distiller):
         t = int(torch.randint(self.cfg.max_start_epoch, (1,), generator=gen))
         return i, t
 
-    def step(self, gen: torch.Generator) -> float:
+    #: which parameters the matching loss compares (None: all of them; PAD masks the shallow ones)
+    mask: torch.Tensor | None = None
+
+    def student_labels(self) -> torch.Tensor:
+        """The labels the student trains on (hard class indices here; PAD's learned soft labels)."""
+        return self.labels
+
+    def matching_loss(self, gen: torch.Generator) -> torch.Tensor:
+        """One draw of expert and start epoch, the student's unroll from it, and the normalised
+        parameter distance to the expert ``expert_epochs`` later (differentiable)."""
         cfg = self.cfg
         i, t = self.draw(gen)
         start = self.experts.flat_params(i, t, self.device)
         target = self.experts.flat_params(i, t + cfg.expert_epochs, self.device)
-        lr = self.tensors["lr"]
-        loss = unroll_loss(self.student, self.images, self.labels, lr, start, target, cfg.syn_steps, cfg.batch_syn,
-                           gen, self.augment, memory=cfg.memory)
+        return unroll_loss(self.student, self.images, self.student_labels(), self.tensors["lr"], start, target,
+                           cfg.syn_steps, cfg.batch_syn, gen, self.augment, match=self.mask, memory=cfg.memory)
+
+    def step_all(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (checked finite) and step every optimiser."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
         self.check_finite(loss)
         for opt in self.optimizers.values():
             opt.step()
-        value = float(lr.detach())
+
+    def check_lr(self) -> None:
+        value = float(self.tensors["lr"].detach())
         if not value > 0:
-            raise NumericalError(f"the learned lr became {value:.4g} (<= 0; it started at {cfg.lr_teacher}); "
-                                 f"lower lr_lr (now {cfg.lr_lr})")
+            raise NumericalError(f"the learned lr became {value:.4g} (<= 0; it started at {self.cfg.lr_teacher}); "
+                                 f"lower lr_lr (now {self.cfg.lr_lr})")
+
+    def step(self, gen: torch.Generator) -> float:
+        loss = self.matching_loss(gen)
+        self.step_all(loss)
+        self.check_lr()
         return float(loss.detach())
 
     def to_synset(self, meta):

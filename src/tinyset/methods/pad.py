@@ -48,10 +48,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyset.errors import ConfigError, NumericalError
+from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
 from tinyset.methods.base import INIT_HELP, InitSource, Row, Rule, Table, hp, register_init
-from tinyset.methods.mtt import MTTConfig, TrajectoryMatching, _cpu_budget, unroll_loss
+from tinyset.methods.mtt import MTTConfig, TrajectoryMatching, _cpu_budget
 from tinyset.synset import SyntheticSet
 
 _REF = "NUS-HPC-AI-Lab/PAD configs/{}/ConvIN/IPC{}.yaml (Li et al. 2024)"
@@ -272,30 +272,20 @@ class PrioritizeAlignment(TrajectoryMatching):
         """The current labels as probability rows (what the student trains on and the set stores)."""
         return F.softmax(self.tensors["labels"], dim=1)
 
+    def student_labels(self) -> torch.Tensor:
+        return self.soft_labels()
+
     def step(self, gen: torch.Generator) -> float:
-        cfg = self.cfg
-        i, t = self.draw(gen)
-        start = self.experts.flat_params(i, t, self.device)
-        target = self.experts.flat_params(i, t + cfg.expert_epochs, self.device)
-        lr = self.tensors["lr"]
-        loss = unroll_loss(self.student, self.images, self.soft_labels(), lr, start, target, cfg.syn_steps,
-                           cfg.batch_syn, gen, self.augment, match=self.mask, memory=cfg.memory)
+        loss = self.matching_loss(gen)
         self.check_finite(loss)
         value = float(loss.detach())
-        skip = value > cfg.threshold
+        skip = value > self.cfg.threshold
         if not skip:  # upstream differentiates and then drops the update; we skip both
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in self.optimizers.values():
-                opt.step()
+            self.step_all(loss)
         with torch.no_grad():
             self.counter.iteration += 1
         self._last["skipped"] = float(skip)
-        lr_value = float(lr.detach())
-        if not lr_value > 0:
-            raise NumericalError(f"the learned lr became {lr_value:.4g} (<= 0; it started at {cfg.lr_teacher}); "
-                                 f"lower lr_lr (now {cfg.lr_lr})")
+        self.check_lr()
         return value
 
     def metrics(self) -> dict[str, float]:

@@ -54,3 +54,22 @@ def tiny_dataset(num_classes: int = 3, per_class: int = 20, channels: int = 1, s
     imgs = base[labels] * 0.7 + 0.3 * torch.rand(len(labels), channels, size, size, generator=g)
     images = (imgs * 255).round().clamp(0, 255).to(torch.uint8)
     return ImageDataset(info, split, images, labels, source="tiny")
+
+
+#: the architecture of the tiny trajectory-matching experts (ConvNet depth 1; width 8 via TINY_EXPERT_ARGS)
+TINY_EXPERT_MODEL = "convnet-d1"
+TINY_EXPERT_ARGS = {"width": 8}
+
+
+def tiny_experts(out: Path, train, epochs: int = 6, curriculum=None) -> Path:
+    """3 tiny experts of ``train`` (TINY_EXPERT_MODEL, width 8, lr 0.05, batch 128, seed 1) written to
+    ``out``: what the MTT and PAD tests distil against (PAD's with an EL2N ``curriculum``)."""
+    import torch
+
+    from tinyset.experts import ExpertSettings, train_experts
+
+    torch.set_num_threads(1)
+    settings = ExpertSettings(epochs=epochs, members=3, lr=0.05, batch_size=128, compile=False,
+                              **({"curriculum": curriculum} if curriculum is not None else {}))
+    train_experts(train, out, 3, TINY_EXPERT_MODEL, settings, seed=1, model_args=dict(TINY_EXPERT_ARGS))
+    return out

@@ -4,13 +4,12 @@ import pytest
 import torch
 
 import tinyset.evaluate as evaluate_mod
-from conftest import tiny_dataset
+from conftest import TINY_EXPERT_MODEL, tiny_dataset, tiny_experts
 from tinyset.augment import DSA, default_strategy
 from tinyset.data import load_dataset
 from tinyset.data.base import RealPool
 from tinyset.errors import ConfigError, NumericalError
 from tinyset.evaluate import Protocol, evaluate_synset
-from tinyset.experts import ExpertSettings, train_experts
 from tinyset.hparams import resolve
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillContext
@@ -20,7 +19,7 @@ from tinyset.models import create_model
 from tinyset.rng import make_generator
 from tinyset.synset import SyntheticSet
 
-MODEL = "convnet-d1"
+MODEL = TINY_EXPERT_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +30,7 @@ def digits():
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory, digits):
     """3 tiny experts (ConvNet depth 1, width 8), 6 epochs: enough for the digits cpu preset."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("mtt") / "experts"
-    train_experts(digits, out, 3, MODEL, ExpertSettings(epochs=6, members=3, lr=0.05, batch_size=128, compile=False),
-                  seed=1, model_args={"width": 8})
-    return out
+    return tiny_experts(tmp_path_factory.mktemp("mtt") / "experts", digits)
 
 
 def _sets(experts, **kw):
@@ -75,6 +70,14 @@ def test_registered_with_config_presets_and_sources(experts):
     assert src["experts"] == "flag: --set experts" and src["model"] == "flag: --set model"
     assert resolve(MTTConfig, dataset="digits", ipc=1, profile="cpu", table=TrajectoryMatching.paper,
                    cpu_rule=TrajectoryMatching.cpu_rule).values.model == "convnet-d2"
+    # MNIST/FashionMNIST: early expert segments only (see the rule's text), a smaller budget above ipc 1
+    for ds, ipc, its, bs in [("mnist", 1, 500, 10), ("fashion-mnist", 10, 200, 50)]:
+        m = resolve(MTTConfig, dataset=ds, ipc=ipc, profile="cpu", table=TrajectoryMatching.paper,
+                    cpu_rule=TrajectoryMatching.cpu_rule)
+        assert (m.values.model, m.values.iterations, m.values.syn_steps, m.values.expert_epochs,
+                m.values.max_start_epoch, m.values.lr_img, m.values.batch_syn) == ("convnet-w32", its, 20, 1, 2,
+                                                                                 100.0, bs)
+        assert "probe_mtt_start.py" in m.sources["max_start_epoch"]
     # the published per-setting table (checked without an expert set: the values only)
     for ds, ipc, expect in [("cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, None)),
                             ("cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, None)),
@@ -90,7 +93,7 @@ def test_registered_with_config_presets_and_sources(experts):
     assert rows and "no published MTT settings" in rows[0].source
     m = resolve(MTTConfig, dataset="mnist", ipc=10, profile="cpu", table=TrajectoryMatching.paper,
                 cpu_rule=TrajectoryMatching.cpu_rule).values
-    assert (m.model, m.syn_steps, m.max_start_epoch, m.batch_syn, m.final_eval) == ("convnet-w32", 10, 8, 50, "quick")
+    assert (m.model, m.syn_steps, m.max_start_epoch, m.batch_syn, m.final_eval) == ("convnet-w32", 20, 2, 50, "quick")
 
 
 def test_mtt_loss_decreases_on_digits(digits, experts):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tinyset.experts as experts_mod
+from conftest import TINY_EXPERT_MODEL, tiny_experts
 from tinyset.augment import DSA, default_strategy
 from tinyset.data import load_dataset
 from tinyset.data.base import ImageDataset, RealPool
@@ -22,7 +23,7 @@ from tinyset.select import select
 from tinyset.select.el2n import easy_to_hard, el2n_scores
 from tinyset.synset import SyntheticSet
 
-MODEL = "convnet-d1"
+MODEL = TINY_EXPERT_MODEL
 EPOCHS = 6
 
 
@@ -34,13 +35,8 @@ def digits():
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory, digits):
     """3 tiny experts (ConvNet depth 1, width 8), 6 epochs, trained with the EL2N curriculum."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("pad") / "experts"
     cur = Curriculum(init_ratio=0.5, el2n_epochs=2, el2n_members=2)
-    train_experts(digits, out, 3, MODEL, ExpertSettings(epochs=EPOCHS, members=3, lr=0.05, batch_size=128,
-                                                        compile=False, curriculum=cur),
-                  seed=1, model_args={"width": 8})
-    return out
+    return tiny_experts(tmp_path_factory.mktemp("pad") / "experts", digits, EPOCHS, cur)
 
 
 def _sets(experts, **kw):

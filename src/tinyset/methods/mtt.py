@@ -114,9 +114,9 @@ def _cpu_budget(values, dataset: str, ipc: int) -> dict:
         return {"model": "convnet-d2", "iterations": 200, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 5,
                 "final_eval": "quick", "memory": "full", "compile": "off"}
     if family in ("mnist", "fashion-mnist"):
-        # lr_img 10: chosen on MNIST ipc 1 by validation accuracy (dsa-early) among 10, 100 and 1000 (cpu_rule)
-        return {"model": "convnet-w32", "iterations": 500, "lr_img": 10.0, "syn_steps": 10, "expert_epochs": 2,
-                "max_start_epoch": 8, "batch_syn": min(ipc * 10, 50), "final_eval": "quick"}
+        # early segments only, one expert epoch in 20 steps, lr_img 100: chosen on MNIST ipc 1 (cpu_rule)
+        return {"model": "convnet-w32", "iterations": 500 if ipc == 1 else 200, "lr_img": 100.0, "syn_steps": 20,
+                "expert_epochs": 1, "max_start_epoch": 2, "batch_syn": min(ipc * 10, 50), "final_eval": "quick"}
     return {}
 
 
@@ -451,21 +451,24 @@ class TrajectoryMatching(Distiller):
     ))
     cpu_rule = Rule(
         "2-core CPU budget for digits, MNIST and FashionMNIST (no published row; chosen and measured by us, 1 "
-        "thread on a ~3x oversubscribed CPU): 200 iterations, syn_steps 10, expert_epochs 2, quick final "
-        "evaluation. digits: model convnet-d2 (the depth-3 ConvNet normalises 2x2 maps on 8x8 images and its "
+        "thread on a ~3x oversubscribed CPU), quick final evaluation. digits: 200 iterations, syn_steps 10, "
+        "expert_epochs 2, model convnet-d2 (the depth-3 ConvNet normalises 2x2 maps on 8x8 images and its "
         "unrolled gradients explode), max_start_epoch 5; experts `tinyset experts --dataset digits --model "
         "convnet-d2 --num-experts 5 --epochs 10 --batch-size 64` (~20 s, 95% validation accuracy), then ipc 1 "
         "~27 s (test accuracy 85% vs 68% for random real images), ipc 10 ~3 min (91% vs 90%); memory full and "
         "compile off there (runs of a few minutes do not repay ~80 s of compilation, and uncompiled the full "
-        "graph is the faster path). MNIST/FashionMNIST: model convnet-w32, batch_syn 50, max_start_epoch 8, 500 "
-        "iterations and lr_img 10: the published lr_img 1000 (CIFAR) drives MNIST pixels far outside [0, 1] (std "
-        "1.8-3.3x the real images' after 200-1000 iterations, below random real images at ipc 1); among lr_img "
-        "1000 (1000 iterations), 100 and 10 (500 iterations) at MNIST ipc 1, the mean best validation accuracy "
-        "of 5 ConvNets under the dsa-early protocol (1000 images held out of the training split) was 0.296, "
-        "0.451 and 0.563 (AMD EPYC, AVX2, fp32, 2026-12-03; FashionMNIST not measured); "
-        "experts `tinyset experts --dataset mnist --model convnet-w32 --num-experts 3 --epochs 10` (~2.5 min per "
-        "expert epoch; width 128 costs ~7x more); memory recompute, compiled: measured by benchmarks/bench_mtt.py "
-        "at ipc 10 (AMD EPYC, AVX512-BF16, 1 thread, bf16): 0.44 s per iteration after a one-time compilation "
+        "graph is the faster path). MNIST/FashionMNIST: model convnet-w32, batch_syn min(10*ipc, 50), syn_steps 20, "
+        "expert_epochs 1, max_start_epoch 2, lr_img 100, 500 iterations at ipc 1 and 200 above (an ipc 10 "
+        "iteration costs ~4x). Why: before any learning, a student unrolled from a late expert epoch overshoots "
+        "(initial matching loss 1.3-1.8 from epochs 4-8 at lr 0.01, syn_steps 20, MNIST ipc 1), while from epochs "
+        "0-1 it reaches 0.86-0.88 (benchmarks/probe_mtt_start.py, training data only); the earlier preset "
+        "(max_start_epoch 8, expert_epochs 2, syn_steps 10) left the loss at 0.97 after 500 iterations and the "
+        "set at random-image level. Chosen on MNIST ipc 1 by the mean best validation accuracy of 5 ConvNets "
+        "under the dsa-early protocol (1000 images held out of the training split): 0.852 with lr_img 100, 0.843 "
+        "with 1000, against 0.563 for the earlier preset (AMD EPYC, AVX2, fp32, 2026-12-03; FashionMNIST uses "
+        "the MNIST choice). Experts `tinyset experts --dataset mnist --model convnet-w32 --num-experts 3 "
+        "--epochs 2` suffice (epochs 0..2 are matched; ~2.5 min per expert epoch; width 128 costs ~7x more); memory recompute, compiled: measured by benchmarks/bench_mtt.py "
+        "at ipc 10 with the earlier syn_steps 10 (AMD EPYC, AVX512-BF16, 1 thread, bf16): 0.44 s per iteration after a one-time compilation "
         "(~70-90 s with a cold cache) against 0.89 s for a reference-style fp32 loop, 0.47 GiB peak whatever "
         "syn_steps (the full graph: 0.65 GiB at 10 steps, 1.3 GiB at 40); width 128 with 100 images per step "
         "and syn_steps 20: 14.7 s (reference-style 28.6 s), 1.3 GiB (full graph 4.5 GiB). Other datasets keep "

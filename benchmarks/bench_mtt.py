@@ -16,8 +16,15 @@ replaced, every step, by views of the current flat parameter vector (what upstre
 synthetic images and lr and draw the expert, the start epoch, the batches and the DSA parameters
 from generators with the same seed in the same order, so their first losses must agree (up to the
 precision tinyset runs at); the benchmark prints both. Timed turns alternate (reference, tinyset,
-reference, ...) in one process, after one untimed warm-up iteration each (tinyset's compilation
-happens there and is reported separately); the minimum of ``--reps`` turns each.
+upstream, reference, ...) in one process, after one untimed warm-up iteration each (tinyset's
+compilation happens there and is reported separately); the minimum of ``--reps`` turns each.
+
+Upstream's own code (``--upstream``: GeorgeCazenavette/mtt-distillation, cloned into a temporary
+folder at run time or read from a checkout, never vendored; see ``upstream.py``) gives a third row:
+its ``get_network`` (``ConvNetW32`` / ``ConvNet``) and ``ReparamModule`` built afresh every iteration,
+its ``DiffAugment``, and the loop body of its distill.py (:func:`upstream_iteration`). Its draws come
+from the global numpy/torch generators as upstream's do, so its losses are not comparable turn by
+turn; only its time is reported.
 
 Peak memory: one iteration of tinyset's step per ``(memory, syn_steps)`` in a fresh subprocess, for
 the full graph and the exact recompute path (compile off in these probes: the compiler's own memory
@@ -50,12 +57,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import upstream as upstream_mod  # noqa: E402
 from reference_loop import reference_convnet  # noqa: E402
 
 from tinyset.augment import DSA, default_strategy  # noqa: E402
@@ -70,6 +79,8 @@ from tinyset.runtime import describe_machine, resolve_runtime, tune_allocator  #
 
 #: configuration name -> (preset, model, width, model arguments of the experts)
 CONFIGS = {"cpu": ("cpu", "convnet-w32", 32), "paper": ("paper", "convnet", 128)}
+#: configuration name -> the same network's name in upstream's get_network
+UPSTREAM_MODELS = {"cpu": "ConvNetW32", "paper": "ConvNet"}
 
 
 # ----------------------------------------------------------------------------------- reference-style loop
@@ -123,6 +134,46 @@ def reference_iteration(student: ReparamStudent, experts: ExpertSet, pool_ids: l
     return float(loss.detach())
 
 
+def upstream_iteration(up, model: str, info, experts: ExpertSet, pool_ids: list[int], images: torch.Tensor,
+                       labels: torch.Tensor, syn_lr: torch.Tensor, opts: list[torch.optim.Optimizer], cfg,
+                       strategy: str, dsa_param) -> float:
+    """One MTT iteration with upstream's own pieces, as its distill.py runs one: a fresh
+    ``get_network`` wrapped in its ``ReparamModule``, numpy's draw of the start epoch, torch.randperm
+    chunks taken from the end, upstream's ``DiffAugment`` per step, ``create_graph`` gradients of the flat
+    vector, the sum-MSE loss divided by the number of parameters and by the start-target distance.
+    Expert parameters come from tinyset's expert set (upstream keeps its buffer in memory as lists)."""
+    net = up.utils.get_network(model, info.channels, info.num_classes, info.image_size, dist=False)
+    student = up.reparam_module.ReparamModule(net)
+    student.train()
+    num_params = sum(int(np.prod(p.size())) for p in student.parameters())
+    i = pool_ids[np.random.randint(0, len(pool_ids))]
+    t = int(np.random.randint(0, cfg.max_start_epoch))
+    start = experts.flat_params(i, t)
+    target = experts.flat_params(i, t + cfg.expert_epochs)
+    if start.numel() != num_params:
+        raise SystemExit(f"upstream's {model} has {num_params} parameters, the experts' {experts.model} "
+                         f"{start.numel()}: not the same network")
+    params = [start.clone().requires_grad_(True)]
+    b = images.shape[0] if cfg.batch_syn is None else cfg.batch_syn
+    chunks: list[torch.Tensor] = []
+    for _ in range(cfg.syn_steps):
+        if not chunks:
+            chunks = list(torch.split(torch.randperm(len(images)), b))
+        idx = chunks.pop()
+        x = up.utils.DiffAugment(images[idx], strategy, param=dsa_param)
+        ce = F.cross_entropy(student(x, flat_param=params[-1]), labels[idx])
+        grad = torch.autograd.grad(ce, params[-1], create_graph=True)[0]
+        params.append(params[-1] - syn_lr * grad)
+    loss = F.mse_loss(params[-1], target, reduction="sum") / num_params
+    loss = loss / (F.mse_loss(start, target, reduction="sum") / num_params)
+    for opt in opts:
+        opt.zero_grad()
+    loss.backward()
+    for opt in opts:
+        opt.step()
+    return float(loss.detach())
+
+
 # ----------------------------------------------------------------------------------- setup helpers
 def subset(train: ImageDataset, per_class: int) -> ImageDataset:
     """The first ``per_class`` training images of every class (deterministic)."""
@@ -159,7 +210,7 @@ def proc_status_bytes(field: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- measurements
-def time_config(config: str, train: ImageDataset, experts: Path, args, precision: str) -> dict:
+def time_config(config: str, train: ImageDataset, experts: Path, args, precision: str, up=None) -> dict:
     impl = build_method(config, train, experts, args.ipc, precision, {"lr_lr": args.lr_lr})
     cfg = impl.cfg
     width = CONFIGS[config][2]
@@ -189,10 +240,25 @@ def time_config(config: str, train: ImageDataset, experts: Path, args, precision
     du_ref, du_ts = (ref_images.detach() - x0).flatten(), (impl.images.detach() - x0).flatten()
     cos = float(du_ref @ du_ts / (du_ref.norm() * du_ts.norm()))
     dlr_ref, dlr_ts = float(ref_lr.detach()) - lr0, float(impl.tensors["lr"].detach()) - lr0
-    times: dict[str, list[float]] = {"reference": [], "tinyset": []}
-    cpu: dict[str, list[float]] = {"reference": [], "tinyset": []}
+    loops = [("reference", ref_step), ("tinyset", ts_step)]
+    up_first = None
+    if up is not None:  # upstream's own pieces, on their own copies of the images and the lr
+        up_images = x0.clone().requires_grad_(True)
+        up_lr = torch.tensor(lr0).requires_grad_(True)
+        up_opts = [torch.optim.SGD([up_images], lr=cfg.lr_img, momentum=cfg.momentum_img),
+                   torch.optim.SGD([up_lr], lr=cfg.lr_lr, momentum=cfg.momentum_lr)]
+        dsa_param = up.utils.ParamDiffAug()
+        up_step = (lambda: upstream_iteration(up, UPSTREAM_MODELS[config], info, impl.experts, impl.pool_ids,
+                                              up_images, labels, up_lr, up_opts, cfg, impl.augment.strategy,
+                                              dsa_param))
+        t = time.perf_counter()
+        up_step()
+        up_first = time.perf_counter() - t
+        loops.append(("upstream", up_step))
+    times: dict[str, list[float]] = {name: [] for name, _ in loops}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in loops}
     for _ in range(args.reps):
-        for name, fn in (("reference", ref_step), ("tinyset", ts_step)):
+        for name, fn in loops:
             t, c = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -207,12 +273,21 @@ def time_config(config: str, train: ImageDataset, experts: Path, args, precision
            "reference_first_s": ref_first, "tinyset_first_s": ts_first,
            "first_loss_reference": loss_ref, "first_loss_tinyset": loss_ts, "first_loss_rel_diff": rel,
            "first_image_update_cosine": cos, "first_lr_update_reference": dlr_ref, "first_lr_update_tinyset": dlr_ts}
+    if up is not None:
+        up_s, up_c = min(times["upstream"]), min(cpu["upstream"])
+        row.update({"upstream_s": up_s, "upstream_cpu_s": up_c, "upstream_turns_s": times["upstream"],
+                    "upstream_first_s": up_first, "speedup_vs_upstream": up_s / ts_s,
+                    "speedup_vs_upstream_cpu": up_c / ts_c, "upstream_model": UPSTREAM_MODELS[config]})
     print(f"  {config:5s} {cfg.model:11s} steps {cfg.syn_steps:2d} batch {row['batch_syn']:3d} | reference "
           f"{ref_s:7.2f} s (cpu {ref_c:.2f}) | tinyset {ts_s:7.2f} s (cpu {ts_c:.2f}; {precision}, {cfg.memory}, "
           f"{'compiled' if row['compiled'] else 'eager'}; first call {ts_first:.0f} s) | {ref_s / ts_s:5.2f}x "
           f"(cpu {ref_c / ts_c:.2f}x) | "
           f"first loss {loss_ref:.6f} vs {loss_ts:.6f} (rel {rel:.1e}), image update cosine {cos:.5f}, lr update "
           f"{dlr_ref:.3e} vs {dlr_ts:.3e}", flush=True)
+    if up is not None:
+        print(f"  {config:5s} upstream's code ({row['upstream_model']}, fp32) {row['upstream_s']:7.2f} s (cpu "
+              f"{row['upstream_cpu_s']:.2f}) | tinyset {row['speedup_vs_upstream']:5.2f}x faster (cpu "
+              f"{row['speedup_vs_upstream_cpu']:.2f}x)", flush=True)
     return row
 
 
@@ -264,6 +339,9 @@ def main() -> None:
     ap.add_argument("--lr-lr", type=float, default=1e-8,
                     help="lr_lr of the timed runs: small, so that a few iterations on briefly trained experts never "
                          "push the learned lr below 0 (the work per iteration does not depend on it)")
+    ap.add_argument("--upstream", default="auto",
+                    help="GeorgeCazenavette/mtt-distillation for the upstream rows: auto (git clone into a temporary "
+                         "folder when reachable), a checkout or bare git folder, or off")
     ap.add_argument("--json", default=None)
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -279,8 +357,12 @@ def main() -> None:
     if bad:
         ap.error(f"--configs: unknown {', '.join(bad)}; expected {', '.join(CONFIGS)}")
     train = subset(load_dataset(args.dataset, "train", root=args.data_root), args.subset)
+    folder, found = upstream_mod.locate(args.upstream, upstream_mod.MTT_URL, upstream_mod.MTT_FILES)
+    up = upstream_mod.load(folder, "upstream_mtt", extra=("reparam_module",)) if folder is not None else None
+    print(f"upstream (GeorgeCazenavette/mtt-distillation): {found}", flush=True)
     out: dict = {"machine": describe_machine(runtime), "dataset": args.dataset, "ipc": args.ipc,
-                 "threads": runtime.threads, "precision": precision, "timing": [], "memory": [], "experts_s": {}}
+                 "threads": runtime.threads, "precision": precision, "timing": [], "memory": [], "experts_s": {},
+                 "upstream": found}
     steps_of = {"cpu": args.memory_cpu_steps, "paper": args.memory_paper_steps}
     with tempfile.TemporaryDirectory(prefix="bench_mtt_") as tmp:
         images = Path(tmp) / "train_subset.safetensors"
@@ -295,7 +377,7 @@ def main() -> None:
         print(f"seconds per MTT iteration (MNIST ipc {args.ipc}, DSA; min of {args.reps} alternating turns; "
               f"reference: fp32 module forward with reloaded parameters, one graph)", flush=True)
         for config in configs:
-            out["timing"].append(time_config(config, train, folders[config], args, precision))
+            out["timing"].append(time_config(config, train, folders[config], args, precision, up))
         print("peak memory of one iteration (fresh subprocess each; VmHWM, and its growth over the resident size "
               "just before the step; compile off)", flush=True)
         for config in CONFIGS:

@@ -1,7 +1,8 @@
 """Upstream's own code as the benchmarks' baseline, obtained at benchmark time (never vendored).
 
 The speed-ups tinyset claims are measured against the code its methods come from:
-VICO-UoE/DatasetCondensation (DC, DSA, DM and their ``evaluate_synset``). :func:`locate` finds a copy:
+VICO-UoE/DatasetCondensation (DC, DSA, DM and their ``evaluate_synset``), DataDistillation/DataDAM and
+GeorgeCazenavette/mtt-distillation (MTT; its ``reparam_module.py`` too). :func:`locate` finds a copy:
 
 * ``--upstream auto`` (the default): ``git clone --depth 1`` of the public repository into a temporary
   folder, when the network allows it;
@@ -34,31 +35,34 @@ import torch.nn as nn
 
 URL = "https://github.com/VICO-UoE/DatasetCondensation"
 DATADAM_URL = "https://github.com/DataDistillation/DataDAM"
+MTT_URL = "https://github.com/GeorgeCazenavette/mtt-distillation"
+#: the files the benchmarks import from a checkout (MTT adds MTT_FILES)
+FILES = ("utils.py", "networks.py")
+MTT_FILES = FILES + ("reparam_module.py",)
 
 
-def _export_bare(git_dir: Path, dest: Path) -> None:
-    archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "HEAD", "utils.py", "networks.py"],
+def _export_bare(git_dir: Path, dest: Path, files: tuple[str, ...] = FILES) -> None:
+    archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "HEAD", *files],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
-def locate(spec: str, url: str = URL) -> tuple[Path | None, str]:
-    """Return (folder with upstream's utils.py and networks.py, or None, how it was found)."""
+def locate(spec: str, url: str = URL, files: tuple[str, ...] = FILES) -> tuple[Path | None, str]:
+    """Return (folder with upstream's ``files``, or None, how it was found)."""
     if spec == "off":
         return None, "off"
     if spec != "auto":
         path = Path(spec).expanduser()
-        if (path / "utils.py").is_file() and (path / "networks.py").is_file():
+        if all((path / f).is_file() for f in files):
             return path, f"checkout {path}"
         for git_dir in (path, path / "repo", path / ".git"):
             if (git_dir / "HEAD").is_file() and (git_dir / "objects").is_dir():
                 dest = Path(tempfile.mkdtemp(prefix="tinyset-upstream-"))
-                _export_bare(git_dir, dest)
+                _export_bare(git_dir, dest, files)
                 rev = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "--short", "HEAD"],
                                      capture_output=True, text=True).stdout.strip()
                 return dest, f"{git_dir} at {rev}"
-        raise SystemExit(f"{spec}: not a checkout of {url} (no utils.py / networks.py) "
-                         "nor a git directory")
+        raise SystemExit(f"{spec}: not a checkout of {url} (no {' / '.join(files)}) nor a git directory")
     dest = Path(tempfile.mkdtemp(prefix="tinyset-upstream-"))
     try:
         subprocess.run(["git", "clone", "--quiet", "--depth", "1", url, str(dest / "repo")], check=True,
@@ -99,11 +103,12 @@ def _stand_ins() -> None:
             setattr(sys.modules[parent], child, mod)
 
 
-def load(folder: Path, prefix: str = "upstream") -> SimpleNamespace:
-    """Import upstream's ``networks`` and ``utils`` from ``folder``; returns a namespace of both."""
+def load(folder: Path, prefix: str = "upstream", extra: tuple[str, ...] = ()) -> SimpleNamespace:
+    """Import upstream's ``networks`` and ``utils`` (then the ``extra`` modules, e.g. MTT's
+    ``reparam_module``) from ``folder``; returns a namespace of them."""
     _stand_ins()
     modules = {}
-    for name in ("networks", "utils"):  # utils does `from networks import ...`
+    for name in ("networks", "utils", *extra):  # utils does `from networks import ...`
         spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", folder / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         previous = sys.modules.get(name)
@@ -113,9 +118,10 @@ def load(folder: Path, prefix: str = "upstream") -> SimpleNamespace:
         finally:
             if previous is not None:
                 sys.modules[name] = previous
-            elif name == "utils":
-                sys.modules.pop("networks", None)
-                sys.modules.pop("utils", None)
+            elif name != "networks":  # networks stays registered until utils has imported it
+                sys.modules.pop(name, None)
+                if name == "utils":
+                    sys.modules.pop("networks", None)
         modules[name] = mod
     if hasattr(modules["utils"], "DiffAugment"):
         modules["utils"].DiffAugment = _standard_strides(modules["utils"].DiffAugment)

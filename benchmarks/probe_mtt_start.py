@@ -60,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(describe_machine(), flush=True)
     train = load_dataset(args.dataset, split="train", root=args.data_root)
-    epochs = ExpertSet(args.experts).epochs
+    expert_set = ExpertSet(args.experts)
+    epochs = expert_set.epochs
     device = torch.device("cpu")
     strategy = default_strategy(train.info.name)
     for ee, ss, lr in itertools.product(_ints(args.expert_epochs), _ints(args.syn_steps), _floats(args.lrs)):
         starts = _ints(args.starts) or list(range(epochs - ee + 1))
         starts = [t for t in starts if t + ee <= epochs]
-        sets = {"experts": args.experts, "lr_teacher": lr, "expert_epochs": ee, "syn_steps": ss, "compile": "off",
-                "max_start_epoch": max(starts) + 1}
+        # recompute: the only unroll that runs without autograd (the probe needs no gradients)
+        sets = {"experts": args.experts, "model": expert_set.model, "memory": "recompute", "compile": "off",
+                "lr_teacher": lr, "expert_epochs": ee, "syn_steps": ss, "max_start_epoch": max(starts) + 1}
         cfg = resolve_config("mtt", train.info.name, args.ipc, "cpu", sets=sets).values
         gen = make_generator(args.seed)
         ctx = DistillContext(train.info, RealPool(train, device), args.ipc, device, "fp32", DSA(strategy))

@@ -454,3 +454,23 @@ def test_memory_and_compile_settings(experts):
         resolve_config("mtt", "digits", 1, "cpu", sets=_sets(experts, memory="full", compile="on"))
     with pytest.raises(ConfigError, match=r"memory"):
         resolve_config("mtt", "digits", 1, "cpu", sets=_sets(experts, memory="low"))
+
+
+def test_start_epoch_probe_prints_one_loss_per_start_epoch(experts, capsys):
+    """benchmarks/probe_mtt_start.py: before any learning, a student at lr 0 does not move, so every
+    start epoch's loss is exactly 1; a positive lr moves it (a loss other than 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_mtt_start.py"
+    spec = importlib.util.spec_from_file_location("probe_mtt_start", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--dataset", "digits", "--experts", str(experts), "--ipc", "1", "--lrs", "1e-12,0.05",
+                       "--syn-steps", "2", "--expert-epochs", "1", "--starts", "0,2", "--draws", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("expert_epochs")]
+    assert len(rows) == 2
+    losses = [[float(cell.split(": ")[1]) for cell in row.split(" | ")[1].split("  ")] for row in rows]
+    assert all(len(r) == 2 for r in losses)
+    assert losses[0] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert all(abs(v - 1.0) > 1e-3 for v in losses[1])

@@ -58,9 +58,11 @@ def one_run(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t
     res = select(args.method, train, args.ipc, seed=args.seed, device=rt.device, **options)
     counts = torch.bincount(train.labels[res.indices], minlength=train.info.num_classes).tolist()
+    record = res.synset.meta.get("selector_record", {})  # iterative selectors: where the run stopped
+    run = {k: record[k] for k in ("iterations", "best_iteration", "best_reward", "stopped_early") if k in record}
     print(json.dumps({"seconds": res.seconds, "load_seconds": load_s, "peak_rss_mib": peak_rss_mib(),
                       "threads": torch.get_num_threads(), "per_class": sorted(set(counts)),
-                      "precision": rt.precision, "n": len(train)}), flush=True)
+                      "precision": rt.precision, "n": len(train), "run": run}), flush=True)
 
 
 def main() -> None:
@@ -103,7 +105,10 @@ def main() -> None:
             rows.append({"run": label, "ipc": ipc, "process_wall_seconds": wall, **r})
             print(f"{label:16s} ipc {ipc:3d}: select {r['seconds']:7.1f} s  (load {r['load_seconds']:.1f} s, "
                   f"whole process {wall:.1f} s)  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
-                  f"threads {r['threads']}  {r['precision']}  per class {r['per_class']}", flush=True)
+                  f"threads {r['threads']}  {r['precision']}  per class {r['per_class']}"
+                  + (f"  iterations {r['run']['iterations']} (stopped early: {r['run']['stopped_early']}; best "
+                     f"validation reward {r['run']['best_reward']:.4f} at iteration {r['run']['best_iteration']})"
+                     if "iterations" in r.get("run", {}) and "best_reward" in r["run"] else ""), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"dataset": args.dataset, "seed": args.seed, "runs": rows}, fh, indent=2)

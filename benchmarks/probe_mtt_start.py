@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     expert_set = ExpertSet(args.experts)
     epochs = expert_set.epochs
     device = torch.device("cpu")
-    strategy = default_strategy(train.info.name)
+    pool = RealPool(train, device)  # read once; every setting below draws from it
+    augment = DSA(default_strategy(train.info.name))
     for ee, ss, lr in itertools.product(_ints(args.expert_epochs), _ints(args.syn_steps), _floats(args.lrs)):
         starts = _ints(args.starts) or list(range(epochs - ee + 1))
         starts = [t for t in starts if t + ee <= epochs]
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr_teacher": lr, "expert_epochs": ee, "syn_steps": ss, "max_start_epoch": max(starts) + 1}
         cfg = resolve_config("mtt", train.info.name, args.ipc, "cpu", sets=sets).values
         gen = make_generator(args.seed)
-        ctx = DistillContext(train.info, RealPool(train, device), args.ipc, device, "fp32", DSA(strategy))
+        ctx = DistillContext(train.info, pool, args.ipc, device, "fp32", augment)
         impl = METHODS.get("mtt")(cfg, ctx)
         impl.setup(gen)
         row = []

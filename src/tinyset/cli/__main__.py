@@ -1,7 +1,6 @@
-"""``python -m tinyset.cli``: the same as the ``tinyset`` command."""
-import sys
-
-from tinyset.cli import main
+"""``python -m tinyset.cli``: the same as the ``tinyset`` command (its :func:`~tinyset.cli.entry`, with
+the same exit handling after a signal)."""
+from tinyset.cli import entry
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

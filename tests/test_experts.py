@@ -262,6 +262,7 @@ def test_cli_trains_resumes_and_refuses(tmp_path, capsys):
     assert cli.run(args) == 0
     text = capsys.readouterr().out
     assert "2 experts (convnet-d1, 2 epochs each)" in text and f"--set experts={out}" in text
+    assert "--method mtt " in text  # plain experts: the methods that declare expert_kind "plain"
     es = ExpertSet(out)
     assert es.complete() == [0, 1] and es.manifest["model_args"]["width"] == 128
     cli, args = _cli_args(*base)

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from tinyset.errors import ArtifactError, ConfigError
     from tinyset.experts import MANIFEST, ExpertSettings, train_experts
     from tinyset.files import check_output_dir
+    from tinyset.methods import METHODS
     from tinyset.models import MODELS
 
     rt = getattr(args, "runtime", None)
@@ -146,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     mean = sum(finals) / len(finals) if finals else float("nan")
     print(f"{len(finals)} experts ({experts.model}, {experts.epochs} epochs each) in {out}; validation accuracy "
           f"after the last epoch: mean {100 * mean:.1f}% ({experts.manifest['val_images']} held-out training images)")
-    method = "pad" if "curriculum" in experts.manifest else "mtt"
+    kind = "curriculum" if "curriculum" in experts.manifest else "plain"
+    method = "|".join(n for n in METHODS.names() if getattr(METHODS.get(n), "expert_kind", None) == kind)
     print(f"distill with them: tinyset distill --method {method} --dataset {args.dataset} --ipc K --model {experts.model} "
           f"--set experts={out}" + (" --set zca=true" if experts.zca else ""))
     return 0

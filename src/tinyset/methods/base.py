@@ -97,6 +97,9 @@ class Distiller:
     cpu_rule: ClassVar[Rule | None] = None
     #: whether the method augments its matching batches with DSA (``dsa_strategy`` decides which)
     uses_dsa: ClassVar[bool] = True
+    #: which expert sets (``tinyset experts``) the method distils from: ``"plain"``, ``"curriculum"`` (made
+    #: with ``--curriculum``) or ``None`` (none); ``tinyset experts`` names the matching methods in its hint
+    expert_kind: ClassVar[str | None] = None
     #: ``complete(values, dataset, ipc) -> {field: (value, why)}`` fills fields no layer set
     complete: ClassVar[Callable[[dict, str, int], dict[str, tuple[Any, str]]] | None] = None
 

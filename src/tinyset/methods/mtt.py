@@ -422,6 +422,7 @@ def unroll_loss(net: nn.Module | Student, images: torch.Tensor, labels: torch.Te
 class TrajectoryMatching(Distiller):
     name = "mtt"
     Config = MTTConfig
+    expert_kind = "plain"
     paper = Table((
         Row({"iterations": 5000, "init": "real", "lr_img": 1000.0, "momentum_img": 0.5, "lr_lr": 1e-5,
              "momentum_lr": 0.5, "lr_teacher": 0.01, "syn_steps": 20, "expert_epochs": 3, "max_start_epoch": 25},

@@ -138,6 +138,7 @@ def _row(ds: str, ipc: int, values: dict) -> Row:
 class PrioritizeAlignment(TrajectoryMatching):
     name = "pad"
     Config = PADConfig
+    expert_kind = "curriculum"
     paper = Table((
         Row({}, "PAD publishes no MNIST, FashionMNIST, SVHN or digits settings: the field defaults (utils/cfg.py "
                 "where it has them) apply", datasets=("mnist", "fashion-mnist", "svhn", "digits")),

@@ -434,3 +434,69 @@ def test_distill_cli_trains_a_gan_and_dm_starts_from_it(tmp_path, capsys):
         main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "file:PATH" in text and "gan:PATH" in text  # --init lists the registered sources
+
+
+# ---------------------------------------------------------------------------------- refine=project (MPS1 with GAN)
+def test_project_finds_the_latent_of_a_generated_image():
+    from tinyset.methods.gan import project
+
+    info = DatasetInfo("toy", 1, (8, 8), 3, ("a", "b", "c"), (0.5,), (0.25,))
+    g = build_generator(info, {"z_dim": 4, "width": 4, "embed_dim": 2})
+    with torch.no_grad():  # weights large enough that the image depends on z (DCGAN's N(0, 0.02) barely does)
+        gen = make_generator(0)
+        for p in g.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    g.eval()
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    with torch.no_grad():
+        target = g(torch.randn(5, 4, generator=make_generator(1)), labels)
+        start = g(torch.randn(5, 1, 4, generator=make_generator(2))[:, 0], labels)
+    g.train()
+    before = (start - target).pow(2).flatten(1).mean(1)
+    images, err = project(g, target, labels, steps=150, lr=0.05, restarts=1, prior=0.0, seed=2)
+    assert images.shape == target.shape and err.shape == (5,)
+    assert torch.allclose(err, (images - target).pow(2).flatten(1).mean(1))
+    assert float(err.mean()) < 0.2 * float(before.mean())  # the latents moved to the images
+    assert g.training and all(p.requires_grad for p in g.parameters())  # the generator is left as it was
+    more, err2 = project(g, target, labels, steps=150, lr=0.05, restarts=3, prior=0.0, seed=2)
+    assert torch.allclose(err2, (more - target).pow(2).flatten(1).mean(1)) and float(err2.mean()) < 0.2 * float(before.mean())
+    head, _ = project(g, target[:2], labels[:2], steps=150, lr=0.05, restarts=3, prior=0.0, seed=2)
+    assert torch.allclose(head, more[:2], atol=1e-3)  # an image's result does not depend on the others (but rounding)
+
+
+def test_refine_project_sets_the_projection_of_the_init_images(tmp_path, digits):
+    from tinyset.methods.gan import project
+    from tinyset.select import select
+
+    sel = tmp_path / "sel.safetensors"
+    select("random", digits, IPC, seed=3).synset.save(sel)
+    sets = {**SMALL, "refine": "project", "refine_steps": "4", "init": f"file:{sel}"}
+    impl = _method("gan", digits, IPC, sets, seed=4)
+    chosen = SyntheticSet.load(sel)
+    assert torch.equal(impl._targets, chosen.images)  # the init images are the targets
+    assert torch.equal(impl.to_synset({}).images, generate(impl.g, impl.hard_labels(), impl.sample_seed))
+    gen = make_generator(4)
+    for _ in range(2):
+        impl.step(gen)
+    syn = impl.to_synset({"method": "gan"})
+    want, err = project(impl.g, chosen.images, impl.hard_labels(), steps=4, lr=0.05, restarts=2, prior=0.01,
+                        seed=impl.refine_seed)
+    assert torch.equal(syn.images, want) and syn.labels.tolist() == impl.hard_labels().tolist()
+    g = syn.meta["gan"]
+    assert g["refine"] == "project" and g["refined_from"] == f"file:{sel}"
+    assert g["refine_mean_pixel_error"] == pytest.approx(float(err.mean()))
+    with pytest.raises(ConfigError, match="refine=project and filter=discriminator exclude each other"):
+        _method("gan", digits, IPC, {**sets, "filter": "discriminator"})
+
+
+def test_a_refined_run_records_it_and_its_final_set_is_projected(tmp_path, digits):
+    res = _gan(tmp_path / "run", digits, 3, sets={"refine": "project", "refine_steps": 3, "refine_restarts": 1})
+    syn = SyntheticSet.load(tmp_path / "run" / "synset.safetensors")
+    assert syn.meta["gan"]["refine"] == "project" and syn.meta["gan"]["refined_from"] == "real"
+    assert math.isfinite(syn.meta["gan"]["refine_mean_pixel_error"]) and torch.equal(syn.images, res.synset.images)
+    g, header, _ = load_generator(tmp_path / "run" / GENERATOR_FILE)
+    plain = SyntheticSet.load(tmp_path / "run" / "samples.safetensors")  # the unrefined set of the same generator
+    assert torch.equal(plain.images, generate(g, plain.labels, header["sample_seed"]))
+    assert plain.meta["gan"]["refine"] == "none" and not torch.equal(plain.images, syn.images)
+    assert not (tmp_path / "plain").exists() and not _gan(tmp_path / "plain", digits, 1).synset is None
+    assert not (tmp_path / "plain" / "samples.safetensors").exists()  # only refined runs write it

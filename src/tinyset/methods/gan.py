@@ -47,7 +47,22 @@ many samples per class and keeps the ``ipc`` best of each class:
   loop, its own seed), i.e. the most confidently correct samples. With balanced classes this is the
   ranking by pointwise mutual information with the label, ``log p(y | x) - log p(y)``.
 
-**Run folder** (besides the loop's files): ``generator.safetensors``, the generator's weights with
+**Refinement** (``refine=project``; the report's "MPS1 with GAN", issue #11): instead of samples, the
+set is the generator's *projection* of the run's ``init`` images (e.g. ``init=file:SEL.safetensors``
+from ``tinyset select --recipe mps1``), GAN inversion as in Zhu et al., "Generative Visual
+Manipulation on the Natural Image Manifold" (ECCV 2016), by optimisation only: for every image
+``x`` of class ``y``,
+
+    z* = argmin_z  mean((G(z, y) - x)^2) + refine_prior * mean(z^2),
+
+by Adam (``refine_lr``, ``refine_steps`` steps) from ``refine_restarts`` seeded starts ``z ~ N(0, I)``;
+the start with the smallest pixel error wins and the image is ``G(z*, y)`` (eval mode). Each latent's
+Adam update is element-wise, so an image's projection does not depend on the other images (up to
+floating-point rounding); they are projected in chunks of a fixed size. The
+set's metadata records the mean pixel error of the projections and where the images came from.
+
+**Run folder** (besides the loop's files): with ``refine=project`` also ``samples.safetensors``, the
+unrefined set of the same generator (what ``refine=none`` would give); ``generator.safetensors``, the generator's weights with
 a JSON header (dataset, architecture, sample seed, iteration; safetensors, never pickle), and
 ``samples/iter_NNNNNN.png``, a grid of a fixed set of latents (one row per class), both written
 every ``sample_every`` iterations and at the end. :func:`load_generator` reads the file back; any
@@ -78,11 +93,14 @@ from tinyset.runtime import autocast
 GENERATOR_FORMAT = "tinyset.generator"
 GENERATOR_VERSION = 1
 GENERATOR_FILE = "generator.safetensors"
+#: with refine=project: the run's unrefined set (ipc samples per class), written at the end beside synset.safetensors
+SAMPLES_FILE = "samples.safetensors"
 SAMPLES_DIR = "samples"
 #: images generated per forward pass when sampling (a fixed chunk: results do not depend on the count)
 GENERATE_CHUNK = 256
 LOSSES = ("ns", "hinge")
 FILTERS = ("none", "discriminator", "classifier")
+REFINES = ("none", "project")
 
 _DCGAN = ("Radford, Metz & Chintala, ICLR 2016 (DCGAN), section 4: Adam lr 0.0002 and beta1 0.5 for both networks, "
           "weights N(0, 0.02), non-saturating loss")
@@ -239,6 +257,49 @@ def keep_best(scores: torch.Tensor, num_classes: int, per_class: int, keep: int)
     return (order + torch.arange(num_classes).unsqueeze(1) * per_class).reshape(-1)
 
 
+def project(g: Generator, images: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float, restarts: int,
+            prior: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAN inversion (see the module docstring): ``G(z*, y)`` for every image and its pixel error
+    (mean squared, normalised units), both on CPU. Latents start from ``torch.randn(N, restarts, z_dim)``
+    drawn on the CPU with a generator seeded ``seed`` (image-major, so the first images of a longer list get
+    the same starts); the generator's mode and ``requires_grad`` flags are left as they were."""
+    device = next(g.parameters()).device
+    n = len(labels)
+    starts = torch.randn(n, restarts, g.z_dim, generator=make_generator(seed))  # image-major: a prefix keeps its starts
+    flags = [p.requires_grad for p in g.parameters()]
+    was_training = g.training
+    g.eval()
+    g.requires_grad_(False)
+    best_img = torch.empty(images.shape, dtype=torch.float32)
+    best_err = torch.full((n,), float("inf"))
+    try:
+        for r in range(restarts):
+            for i in range(0, n, GENERATE_CHUNK):
+                x = images[i:i + GENERATE_CHUNK].to(device, torch.float32)
+                y = labels[i:i + GENERATE_CHUNK].to(device)
+                z = starts[i:i + GENERATE_CHUNK, r].to(device).requires_grad_(True)
+                opt = torch.optim.Adam([z], lr=lr)
+                with torch.enable_grad():
+                    for _ in range(steps):
+                        err = (g(z, y) - x).pow(2).flatten(1).mean(1)
+                        loss = (err + prior * z.pow(2).mean(1)).sum()
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                with torch.no_grad():
+                    out = g(z, y)
+                    err = (out - x).pow(2).flatten(1).mean(1).cpu()
+                    better = err < best_err[i:i + GENERATE_CHUNK]
+                    best_err[i:i + GENERATE_CHUNK] = torch.where(better, err, best_err[i:i + GENERATE_CHUNK])
+                    block = best_img[i:i + GENERATE_CHUNK]
+                    block[better] = out.cpu()[better]
+    finally:
+        for p, f in zip(g.parameters(), flags):
+            p.requires_grad_(f)
+        g.train(was_training)
+    return best_img, best_err
+
+
 # ---------------------------------------------------------------------------------- generator file
 def save_generator(path: Path, g: Generator, info: DatasetInfo, architecture: dict[str, int], sample_seed: int,
                    iteration: int, meta: dict[str, Any] | None = None) -> Path:
@@ -357,8 +418,9 @@ class GANConfig(DistillConfig):
     z_dim: int = hp(100, "latent size", ge=1, le=4096)
     width: int = hp(32, "base channel count w of both networks (layers of w, 2w, 4w)", ge=1, le=1024)
     embed_dim: int = hp(32, "size of the generator's class embedding", ge=1, le=4096)
-    d_init: str = hp("dcgan", "tmp", choices=("dcgan", "kaiming"))
-    pool_mean: bool = hp(False, "tmp")
+    d_init: str = hp("dcgan", "discriminator weights: dcgan (N(0, 0.02)) or kaiming (He for LeakyReLU 0.2)",
+                     choices=("dcgan", "kaiming"))
+    pool_mean: bool = hp(False, "average the discriminator's features over positions instead of summing them")
     aux_weight: float = hp(1.0, "weight of the AC-GAN class loss (0: conditioning by projection alone)", ge=0,
                            le=1000)
     lr_g: float = hp(2e-4, "Adam learning rate of the generator", gt=0)
@@ -372,6 +434,12 @@ class GANConfig(DistillConfig):
     filter_epochs: int = hp(10, "epochs of the filter classifier", ge=1, le=10000)
     filter_per_class: int = hp(200, "real training images per class the filter classifier is trained on",
                                ge=1, le=1_000_000)
+    refine: str = hp("none", "none (the set is generator samples) or project (the set is the generator's "
+                             "projection of the init images, e.g. init=file:SELECTION.safetensors)", choices=REFINES)
+    refine_steps: int = hp(100, "Adam steps per latent when projecting", ge=1, le=100000)
+    refine_restarts: int = hp(2, "random latent starts per image when projecting (the closest wins)", ge=1, le=100)
+    refine_lr: float = hp(0.05, "Adam learning rate of the latents when projecting", gt=0)
+    refine_prior: float = hp(0.01, "weight of mean(z^2) in the projection loss (keeps z near the prior)", ge=0)
     sample_every: int = hp(500, "write a sample grid and generator.safetensors every N iterations", ge=1)
     sample_cols: int = hp(10, "samples per class in the sample grids", ge=1, le=100)
 
@@ -407,6 +475,9 @@ class GAN(Distiller):
         if getattr(cfg, "zca", False):
             raise ConfigError("zca=true is not supported by gan: its generator makes images in the normalised pixel "
                               "space (train the GAN without zca, then start a zca=true run with init=gan:PATH)")
+        if cfg.refine != "none" and cfg.filter != "none":
+            raise ConfigError(f"refine={cfg.refine} and filter={cfg.filter} exclude each other: a projected set has one "
+                              f"image per init image, there are no candidates to filter")
         if cfg.filter == "classifier" and cfg.filter_model not in MODELS:
             raise ConfigError(f"filter_model={cfg.filter_model!r} is not a registered architecture; known: "
                               f"{', '.join(MODELS.names())}")
@@ -433,6 +504,12 @@ class GAN(Distiller):
         self.learnable("images", generate(self.g, self.hard_labels(), self.sample_seed))
         self._classifier: nn.Module | None = None
         self._last: dict[str, float] = {}
+        self._steps = 0  # steps taken by this object (the set before any is the initial samples, not projected)
+        self._targets: torch.Tensor | None = None
+        if cfg.refine == "project":  # drawn last, so runs without refinement keep their random stream
+            self.refine_seed = derive_seed(gen)
+            self._targets = self.initial_images(gen).detach().cpu()
+        self.refine_error: float | None = None
 
     def step(self, gen: torch.Generator) -> float:
         cfg = self.cfg
@@ -454,6 +531,7 @@ class GAN(Distiller):
         loss_g = gan_losses(cfg.loss, None, d_gen, generator_side=True) + cfg.aux_weight * aux_g
         self.update("generator", loss_g)
         self.d.requires_grad_(True)
+        self._steps += 1
         self._last = {"loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach()),
                       "d_real": float(d_real.detach().mean()), "d_fake": float(d_fake.detach().mean()),
                       "aux_real": float(aux_d.detach()), "aux_fake": float(aux_g.detach())}
@@ -497,6 +575,12 @@ class GAN(Distiller):
     def synthesize(self) -> torch.Tensor:
         """``ipc`` samples per class (normalised, on CPU), filtered as ``filter`` says."""
         k, ipc = self.info.num_classes, self.ipc
+        if self._targets is not None and self._steps > 0:
+            cfg = self.cfg
+            images, err = project(self.g, self._targets, self.hard_labels(), steps=cfg.refine_steps, lr=cfg.refine_lr,
+                                  restarts=cfg.refine_restarts, prior=cfg.refine_prior, seed=self.refine_seed)
+            self.refine_error = float(err.mean())
+            return images
         if self.cfg.filter == "none":
             return generate(self.g, self.hard_labels(), self.sample_seed).cpu()
         per_class = ipc * self.cfg.candidates
@@ -508,13 +592,18 @@ class GAN(Distiller):
     def to_synset(self, meta: dict[str, Any]) -> Any:
         from tinyset.synset import SyntheticSet
 
+        if meta and self._targets is not None:
+            self._steps = max(self._steps, 1)  # the final set of a finished run is always the projection
         images = self.synthesize()
         with torch.no_grad():
             self.tensors["images"].copy_(images.to(self.device))
         meta = dict(meta)
         if meta:
             meta["gan"] = {"generator_file": GENERATOR_FILE, "sample_seed": self.sample_seed,
-                           "filter": self.cfg.filter, "architecture": self.architecture}
+                           "filter": self.cfg.filter, "architecture": self.architecture, "refine": self.cfg.refine}
+            if self._targets is not None:
+                meta["gan"].update({"refined_from": self.cfg.init, "refine_seed": self.refine_seed,
+                                    "refine_mean_pixel_error": self.refine_error})
         return SyntheticSet(images, self.hard_labels(), self.info, meta=meta)
 
     # ------------------------------------------------------------------ run-folder files
@@ -526,6 +615,14 @@ class GAN(Distiller):
 
         save_generator(Path(out_dir) / GENERATOR_FILE, self.g, self.info, self.architecture, self.sample_seed,
                        iteration, {"method": self.name, "config": self.cfg.to_dict()})
+        if final and self._targets is not None:  # the plain GAN set of the same generator, for comparison
+            samples = generate(self.g, self.hard_labels(), self.sample_seed).cpu()
+            SyntheticSet(samples, self.hard_labels(), self.info,
+                         meta={"method": self.name, "iterations": iteration, "config": self.cfg.to_dict(),
+                               "gan": {"generator_file": GENERATOR_FILE, "sample_seed": self.sample_seed,
+                                       "filter": "none", "architecture": self.architecture, "refine": "none",
+                                       "note": f"unrefined samples of a refine=project run ({SAMPLES_FILE})"}}
+                         ).save(Path(out_dir) / SAMPLES_FILE)
         labels = class_blocks(self.info.num_classes, self.cfg.sample_cols)
         grid = SyntheticSet(generate(self.g, labels, self.grid_seed).cpu(), labels, self.info)
         folder = Path(out_dir) / SAMPLES_DIR
@@ -533,5 +630,5 @@ class GAN(Distiller):
         save_grid(grid, folder / f"iter_{iteration:06d}.png")
 
 
-__all__ = ["GAN", "GANConfig", "Generator", "Discriminator", "generate", "load_generator", "save_generator",
-           "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE"]
+__all__ = ["GAN", "GANConfig", "Generator", "Discriminator", "generate", "project", "load_generator", "save_generator",
+           "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE", "SAMPLES_FILE"]

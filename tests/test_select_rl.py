@@ -285,7 +285,8 @@ def test_cli_help_options_lists_every_option(capsys) -> None:
     text = capsys.readouterr().out
     assert "pool_size" in text and "'pool': 'mi'" in text and "top 1,000" in text
     assert main(["select", "--list-recipes"]) == 0
-    assert "mps2u" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "mps2u" in text and "--set refine=project" in text  # mps1-gan: the two commands that make it
 
 
 def test_cli_rl_checkpoints_and_resumes(tmp_path: Path, capsys) -> None:

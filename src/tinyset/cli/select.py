@@ -80,11 +80,13 @@ def run(args: argparse.Namespace) -> int:
     from tinyset.files import check_output_dir, check_output_file
     from tinyset.hparams import parse_sets
     from tinyset.select import RunControl, ipc_from_size, resolve_options, select
-    from tinyset.select.recipes import RECIPES
+    from tinyset.select.recipes import ELSEWHERE, RECIPES
 
     if args.list_recipes:
         for name in RECIPES.names():
             print(f"{name:<12} selector {RECIPES.get(name).selector}: {RECIPES.help(name)}")
+        for name, how in ELSEWHERE.items():
+            print(f"{name:<12} {how}")
         print("\n`tinyset select --recipe NAME --help-options` lists a recipe's values and their sources")
         return 0
     if args.help_options:

@@ -9,8 +9,10 @@ row says which part comes from the report and which is ours. A recipe's rows for
 (after the option defaults, before ``--config`` and ``--set``), so a run records every value with
 the recipe row it came from.
 
-``mps1-gan`` (MPS1 with a GAN improving the selected set) is not a recipe yet: it needs the GAN of
-``tinyset distill --method gan`` to refine the selected images, a step that is not built.
+``mps1-gan`` (MPS1 with a GAN improving the selected set) is not a selection recipe: its output is
+generated images. It is ``--recipe mps1`` followed by ``tinyset distill --method gan --init
+file:SELECTION --set refine=project`` (the generator's projection of every selected image, see
+:mod:`tinyset.methods.gan`); the README's recipe table lists both commands.
 """
 from __future__ import annotations
 
@@ -99,4 +101,10 @@ _register("mutual-info", "mps2u choosing from the top 1,000 samples by mutual in
                          "policy initialised from the MI scores", _MUTUAL_INFO)
 
 
-__all__ = ["Recipe", "RECIPES", "REPORT"]
+#: the report's pipelines that are not selections, with the commands that build them (``--list-recipes``)
+ELSEWHERE = {
+    "mps1-gan": "not a selection (generated images): `tinyset select --recipe mps1 ... --out SEL.safetensors`, then "
+                "`tinyset distill --method gan ... --init file:SEL.safetensors --set refine=project`",
+}
+
+__all__ = ["Recipe", "RECIPES", "REPORT", "ELSEWHERE"]

@@ -500,3 +500,11 @@ def test_a_refined_run_records_it_and_its_final_set_is_projected(tmp_path, digit
     assert plain.meta["gan"]["refine"] == "none" and not torch.equal(plain.images, syn.images)
     assert not (tmp_path / "plain").exists() and not _gan(tmp_path / "plain", digits, 1).synset is None
     assert not (tmp_path / "plain" / "samples.safetensors").exists()  # only refined runs write it
+
+
+def test_a_refined_run_resumes_to_the_same_set(tmp_path, digits):
+    sets = {"refine": "project", "refine_steps": 3, "refine_restarts": 1}
+    full = _gan(tmp_path / "full", digits, 4, sets=sets)
+    _gan(tmp_path / "part", digits, 2, sets=sets, checkpoint_every=1)
+    resumed = _gan(tmp_path / "part", digits, 4, sets=sets, checkpoint_every=1, resume=True)
+    assert torch.equal(full.synset.images, resumed.synset.images)  # same targets, generator and projection

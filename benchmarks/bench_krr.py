@@ -79,19 +79,33 @@ def bench(name: str, train, args, runtime) -> dict:
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def method_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every one-method iteration benchmark takes (this one and ``bench_gan.py``)."""
     p.add_argument("--data-root", default="/work/shared/datasets")
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per setting")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", default="cpu,paper")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra method settings")
     p.add_argument("--json", default=None)
+    return p
+
+
+def peak_memory() -> tuple[float, float | None]:
+    """``ru_maxrss`` and ``VmHWM`` in MiB, printed as one line."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = vm_hwm_mib()
+    print(f"peak memory: ru_maxrss {peak:.0f} MiB, VmHWM {hwm:.0f} MiB" if hwm is not None
+          else f"peak memory: ru_maxrss {peak:.0f} MiB", flush=True)
+    return peak, hwm
+
+
+def main() -> None:
+    p = method_bench_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--configs", default="cpu,paper")
     args = p.parse_args()
     runtime = resolve_runtime("cpu", args.precision, threads=args.threads)
     machine = describe_machine(runtime)
@@ -101,10 +115,7 @@ def main() -> None:
     print(f"{args.dataset} train: {len(train)} images, loaded in {time.perf_counter() - t:.1f} s; ipc {args.ipc}",
           flush=True)
     rows = [bench(name, train, args, runtime) for name in args.configs.split(",")]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    hwm = vm_hwm_mib()
-    print(f"peak memory: ru_maxrss {peak:.0f} MiB, VmHWM {hwm:.0f} MiB" if hwm is not None
-          else f"peak memory: ru_maxrss {peak:.0f} MiB", flush=True)
+    peak, hwm = peak_memory()
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows, "ru_maxrss_mib": peak,
                                                "vm_hwm_mib": hwm}, indent=2))

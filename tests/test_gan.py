@@ -494,6 +494,7 @@ def test_a_refined_run_records_it_and_its_final_set_is_projected(tmp_path, digit
     syn = SyntheticSet.load(tmp_path / "run" / "synset.safetensors")
     assert syn.meta["gan"]["refine"] == "project" and syn.meta["gan"]["refined_from"] == "real"
     assert math.isfinite(syn.meta["gan"]["refine_mean_pixel_error"]) and torch.equal(syn.images, res.synset.images)
+    assert syn.meta["gan"]["refine_seconds"] > 0
     g, header, _ = load_generator(tmp_path / "run" / GENERATOR_FILE)
     plain = SyntheticSet.load(tmp_path / "run" / "samples.safetensors")  # the unrefined set of the same generator
     assert torch.equal(plain.images, generate(g, plain.labels, header["sample_seed"]))
@@ -508,3 +509,17 @@ def test_a_refined_run_resumes_to_the_same_set(tmp_path, digits):
     _gan(tmp_path / "part", digits, 2, sets=sets, checkpoint_every=1)
     resumed = _gan(tmp_path / "part", digits, 4, sets=sets, checkpoint_every=1, resume=True)
     assert torch.equal(full.synset.images, resumed.synset.images)  # same targets, generator and projection
+
+
+def test_bench_gan_runs_and_reports(tmp_path):
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_gan.py")
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, bench, "--dataset", "digits", "--ipc", "2", "--iterations", "2", "--warmup", "0",
+           "--threads", "1", "--precision", "fp32", "--json", str(out), "--set", "width=4", "--set", "z_dim=8",
+           "--set", "embed_dim=4", "--set", "refine_steps=5"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "CPU:" in run.stdout and "GAN iteration" in run.stdout and "projection of 20 images" in run.stdout
+    rec = json.loads(out.read_text())
+    assert rec["projection"]["images"] == 20 and rec["iteration"]["cpu_s_per_iteration"] > 0
+    assert math.isfinite(rec["projection"]["mean_pixel_error"])

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -510,6 +511,7 @@ class GAN(Distiller):
             self.refine_seed = derive_seed(gen)
             self._targets = self.initial_images(gen).detach().cpu()
         self.refine_error: float | None = None
+        self.refine_seconds: float | None = None
 
     def step(self, gen: torch.Generator) -> float:
         cfg = self.cfg
@@ -577,9 +579,11 @@ class GAN(Distiller):
         k, ipc = self.info.num_classes, self.ipc
         if self._targets is not None and self._steps > 0:
             cfg = self.cfg
+            start = time.perf_counter()
             images, err = project(self.g, self._targets, self.hard_labels(), steps=cfg.refine_steps, lr=cfg.refine_lr,
                                   restarts=cfg.refine_restarts, prior=cfg.refine_prior, seed=self.refine_seed)
             self.refine_error = float(err.mean())
+            self.refine_seconds = time.perf_counter() - start
             return images
         if self.cfg.filter == "none":
             return generate(self.g, self.hard_labels(), self.sample_seed).cpu()
@@ -603,7 +607,8 @@ class GAN(Distiller):
                            "filter": self.cfg.filter, "architecture": self.architecture, "refine": self.cfg.refine}
             if self._targets is not None:
                 meta["gan"].update({"refined_from": self.cfg.init, "refine_seed": self.refine_seed,
-                                    "refine_mean_pixel_error": self.refine_error})
+                                    "refine_mean_pixel_error": self.refine_error,
+                                    "refine_seconds": self.refine_seconds})
         return SyntheticSet(images, self.hard_labels(), self.info, meta=meta)
 
     # ------------------------------------------------------------------ run-folder files

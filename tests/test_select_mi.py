@@ -316,3 +316,41 @@ def test_cli_select_mi_on_digits_reads_only_the_train_split(tmp_path, monkeypatc
     again = select("mi", train, 3, seed=0)
     assert again.indices == res["indices"]
     assert again.scores[again.indices].min().item() > 0.5 * math.log(10)
+
+
+def test_validate_sets_scores_on_held_out_training_images_only(tmp_path, capsys):
+    """benchmarks/validate_sets.py (how the README chose mi's diversity): one validation split for all
+    sets, drawn from the training split without any set's images; sets of two datasets are refused."""
+    import importlib.util
+
+    from tinyset.data import load_dataset
+
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "validate_sets", Path(__file__).resolve().parents[1] / "benchmarks" / "validate_sets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    digits = load_dataset("digits")
+    files = []
+    for seed in (0, 1):
+        f = tmp_path / f"r{seed}.safetensors"
+        select("random", digits, 2, seed=seed).synset.save(f)
+        files.append(str(f))
+    out = tmp_path / "v.json"
+    assert mod.main([*files, "--epochs", "2", "--models", "2", "--val", "60", "--threads", "1", "--precision", "fp32",
+                     "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert [r["set"] for r in rec["rows"]] == files and rec["val_images"] == 60
+    assert all(0 <= r["val_mean"] <= 1 and len(r["accuracies"]) == 2 for r in rec["rows"])
+    used = set()
+    for f in files:
+        used.update(SyntheticSet.load(f).meta["source_indices"])
+    idx = mod.validation_indices(len(digits), used, 60, 12345)
+    assert len(set(idx)) == 60 and used and not used & set(idx)  # no validation image is one of the sets' images
+    assert mod.validation_indices(len(digits), used, 60, 12345) == idx  # seeded
+    other = tmp_path / "other.safetensors"
+    tiny = tiny_dataset()
+    select("random", tiny, 1, seed=0).synset.save(other)
+    assert mod.main([files[0], str(other), "--epochs", "1", "--threads", "1"]) == 2
+    assert "different datasets" in capsys.readouterr().err

@@ -290,10 +290,9 @@ def project(g: Generator, images: torch.Tensor, labels: torch.Tensor, *, steps: 
                 with torch.no_grad():
                     out = g(z, y)
                     err = (out - x).pow(2).flatten(1).mean(1).cpu()
-                    better = err < best_err[i:i + GENERATE_CHUNK]
-                    best_err[i:i + GENERATE_CHUNK] = torch.where(better, err, best_err[i:i + GENERATE_CHUNK])
-                    block = best_img[i:i + GENERATE_CHUNK]
-                    block[better] = out.cpu()[better]
+                    better = err < best_err[i:i + GENERATE_CHUNK]  # views: the writes land in best_*
+                    best_err[i:i + GENERATE_CHUNK][better] = err[better]
+                    best_img[i:i + GENERATE_CHUNK][better] = out.cpu()[better]
     finally:
         for p, f in zip(g.parameters(), flags):
             p.requires_grad_(f)
@@ -505,7 +504,7 @@ class GAN(Distiller):
         self.learnable("images", generate(self.g, self.hard_labels(), self.sample_seed))
         self._classifier: nn.Module | None = None
         self._last: dict[str, float] = {}
-        self._steps = 0  # steps taken by this object (the set before any is the initial samples, not projected)
+        self._steps = 0  # steps taken by this object: before any, the set is the initial samples, not projected
         self._targets: torch.Tensor | None = None
         if cfg.refine == "project":  # drawn last, so runs without refinement keep their random stream
             self.refine_seed = derive_seed(gen)
@@ -574,10 +573,12 @@ class GAN(Distiller):
                           for i in range(0, len(labels), GENERATE_CHUNK)])
         return logp.gather(1, labels.view(-1, 1)).squeeze(1)
 
-    def synthesize(self) -> torch.Tensor:
-        """``ipc`` samples per class (normalised, on CPU), filtered as ``filter`` says."""
+    def synthesize(self, final: bool = False) -> torch.Tensor:
+        """``ipc`` samples per class (normalised, on CPU), filtered as ``filter`` says; with
+        ``refine=project`` the projection of the init images once the generator has trained (any
+        step, or ``final``: the set of a finished run)."""
         k, ipc = self.info.num_classes, self.ipc
-        if self._targets is not None and self._steps > 0:
+        if self._targets is not None and (final or self._steps > 0):
             cfg = self.cfg
             start = time.perf_counter()
             images, err = project(self.g, self._targets, self.hard_labels(), steps=cfg.refine_steps, lr=cfg.refine_lr,
@@ -596,20 +597,22 @@ class GAN(Distiller):
     def to_synset(self, meta: dict[str, Any]) -> Any:
         from tinyset.synset import SyntheticSet
 
-        if meta and self._targets is not None:
-            self._steps = max(self._steps, 1)  # the final set of a finished run is always the projection
-        images = self.synthesize()
+        images = self.synthesize(final=bool(meta))
         with torch.no_grad():
             self.tensors["images"].copy_(images.to(self.device))
         meta = dict(meta)
         if meta:
-            meta["gan"] = {"generator_file": GENERATOR_FILE, "sample_seed": self.sample_seed,
-                           "filter": self.cfg.filter, "architecture": self.architecture, "refine": self.cfg.refine}
+            meta["gan"] = self._file_meta(self.cfg.filter, self.cfg.refine)
             if self._targets is not None:
                 meta["gan"].update({"refined_from": self.cfg.init, "refine_seed": self.refine_seed,
                                     "refine_mean_pixel_error": self.refine_error,
                                     "refine_seconds": self.refine_seconds})
         return SyntheticSet(images, self.hard_labels(), self.info, meta=meta)
+
+    def _file_meta(self, filter_: str, refine: str) -> dict[str, Any]:
+        """What a saved set records about the generator that made it."""
+        return {"generator_file": GENERATOR_FILE, "sample_seed": self.sample_seed, "filter": filter_,
+                "architecture": self.architecture, "refine": refine}
 
     # ------------------------------------------------------------------ run-folder files
     def write_artifacts(self, out_dir: Path, iteration: int, final: bool) -> None:
@@ -624,8 +627,7 @@ class GAN(Distiller):
             samples = generate(self.g, self.hard_labels(), self.sample_seed).cpu()
             SyntheticSet(samples, self.hard_labels(), self.info,
                          meta={"method": self.name, "iterations": iteration, "config": self.cfg.to_dict(),
-                               "gan": {"generator_file": GENERATOR_FILE, "sample_seed": self.sample_seed,
-                                       "filter": "none", "architecture": self.architecture, "refine": "none",
+                               "gan": {**self._file_meta("none", "none"),
                                        "note": f"unrefined samples of a refine=project run ({SAMPLES_FILE})"}}
                          ).save(Path(out_dir) / SAMPLES_FILE)
         labels = class_blocks(self.info.num_classes, self.cfg.sample_cols)

@@ -24,19 +24,15 @@ median of ``--reps`` turns after one warm-up turn (tinyset compiles in it).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import upstream as upstream_code  # noqa: E402
+from racing import race, report  # noqa: E402
 from reference_loop import reference_datadam_iteration, reference_dc_iteration, reference_dm_iteration  # noqa: E402
 
 from tinyset.augment import DSA, default_strategy  # noqa: E402
@@ -49,43 +45,6 @@ from tinyset.runtime import describe_machine, resolve_precision, resolve_runtime
 
 #: upstream's default --dsa_strategy (for every dataset, MNIST included)
 UPSTREAM_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-def race(label: str, contenders: dict[str, tuple[str, Callable[[], object]]], reps: int) -> dict[str, list[float]]:
-    """Run every contender once to warm up, then ``reps`` rounds of one turn each, in turn order.
-    Returns the turn times (seconds) per contender and prints each turn."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    quiet = io.StringIO()  # upstream prints a line per evaluation / epoch
-    for rnd in range(reps + 1):
-        for name, (_, fn) in contenders.items():
-            t = time.perf_counter()
-            with contextlib.redirect_stdout(quiet):
-                fn()
-            dt = time.perf_counter() - t
-            if rnd:
-                times[name].append(dt)
-            print(f"  {label} {'warm-up' if not rnd else f'turn {rnd}'} {name:<10}: {dt:7.2f} s", flush=True)
-    return times
-
-
-def report(label: str, contenders: dict, times: dict[str, list[float]], unit: str, threads: int, prec: str,
-           extra: dict) -> dict:
-    """Print the medians and the speed-ups (tinyset against each other contender)."""
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    for name, (desc, _) in contenders.items():
-        print(f"{label:<8} {name:<10}: {med[name]:7.2f} s/{unit}  ({desc}; {threads} threads)")
-    out = {"seconds": med, "turns": times, "threads": threads, "precision": prec, **extra}
-    for name in med:
-        if name != "tinyset":
-            out[f"speedup_vs_{name}"] = med[name] / med["tinyset"]
-            print(f"{label:<8} speed-up  : {med[name] / med['tinyset']:.2f}x against {name}")
-    if "upstream" in med:
-        for name in med:
-            if name.startswith("reference"):
-                out[f"{name}_cost_vs_upstream"] = med[name] / med["upstream"]
-                print(f"{label:<8} check     : {name} costs {med[name] / med['upstream']:.2f}x upstream's time")
-    sys.stdout.flush()
-    return out
 
 
 def main() -> None:

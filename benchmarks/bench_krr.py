@@ -5,7 +5,10 @@ what :meth:`tinyset.methods.krr.KernelRidge.step` does: draw a pool network, fea
 synthetic images (with autograd) and of a class-balanced real batch (without), the float64 kernel
 ridge solve, the loss, the backward pass and one Adam step of the images and labels, then one
 training step of the drawn network on the synthetic set (and its re-initialisation when it is
-``max_online_steps`` old). Two settings (``--configs``):
+``max_online_steps`` old). It races, in alternating turns in one process (the machine may be
+shared, so the speed is the ratio, not the seconds), the reference-style iteration of
+``reference_loop.ReferenceKRR`` (plain fp32 modules, a float32 solve, after the authors' PyTorch
+port), started from the same images and labels. Two settings (``--configs``):
 
 * ``cpu``: the ``cpu`` profile of ``tinyset distill --method krr`` (32 real images per class, pool
   ConvNets of width 64);
@@ -14,10 +17,11 @@ training step of the drawn network on the synthetic set (and its re-initialisati
 
 Both use the pool's architecture ``convnet-nn`` (ConvNet of depth 3 without normalisation) and
 the run's precision (bf16 autocast where the CPU has native bf16, ``--precision``). Each setting:
-``--warmup`` untimed iterations, then ``--iterations`` timed ones; the median, minimum and mean
-wall seconds are printed with the CPU seconds of the process (on a shared machine a busy neighbour
-stretches wall time). Peak memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and the kernel's
-high-water mark ``VmHWM`` after all settings ran (the real training split, normalised in memory,
+``--warmup`` untimed iterations of each contender, one untimed round, then ``--iterations`` timed
+turns of each; printed: the median, minimum and mean wall seconds, the CPU seconds of the process
+per iteration, and tinyset's speed-up against the reference (wall medians, and CPU means). Peak
+memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and the kernel's high-water mark ``VmHWM``
+after all settings ran, both contenders included (the real training split, normalised in memory,
 is most of it).
 
     python benchmarks/bench_krr.py --data-root /work/shared/datasets
@@ -33,6 +37,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from racing import race, report  # noqa: E402
+from reference_loop import ReferenceKRR  # noqa: E402
+
+import torch  # noqa: E402
 from tinyset.data import load_dataset  # noqa: E402
 from tinyset.data.base import RealPool  # noqa: E402
 from tinyset.methods.base import DistillContext  # noqa: E402
@@ -57,25 +66,35 @@ def vm_hwm_mib() -> float | None:
 def bench(name: str, train, args, runtime) -> dict:
     sets = {**CONFIGS[name], **dict(s.split("=", 1) for s in args.set)}
     cfg = resolve_config("krr", train.info.name, args.ipc, "cpu", sets=sets).values
-    ctx = DistillContext(train.info, RealPool(train, runtime.device), args.ipc, runtime.device, runtime.precision, None)
+    pool = RealPool(train, runtime.device)
+    ctx = DistillContext(train.info, pool, args.ipc, runtime.device, runtime.precision, None)
     impl = KernelRidge(cfg, ctx)
-    gen = make_generator(args.seed)
+    gen, gen_ref = make_generator(args.seed), make_generator(args.seed)
     impl.setup(gen)
-    losses = [impl.step(gen) for _ in range(args.warmup)]
-    walls, cpus = [], []
-    for _ in range(args.iterations):
-        w, c = time.perf_counter(), time.process_time()
-        losses.append(impl.step(gen))
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
+    ref = ReferenceKRR(impl.images, impl.targets, pool, cfg, args.seed)
+    losses = {"tinyset": [impl.step(gen) for _ in range(args.warmup)],
+              "reference": [ref.step(gen_ref) for _ in range(args.warmup)]}
+    contenders = {"tinyset": (f"KernelRidge.step, {runtime.precision}", lambda: losses["tinyset"].append(impl.step(gen))),
+                  "reference": ("reference-style FRePo iteration (reference_loop.ReferenceKRR), fp32",
+                                lambda: losses["reference"].append(ref.step(gen_ref)))}
+    cpu: dict[str, list[float]] = {}
+    walls = race(f"KRR {name}", contenders, args.iterations, cpu=cpu)
+    rec = report(f"KRR {name}", contenders, walls, "iteration", torch.get_num_threads(), runtime.precision, {})
+    mine = walls["tinyset"]
     row = {"config": name, "batch_real_per_class": cfg.batch_real, "model": cfg.model, "width": cfg.width,
            "pool_size": cfg.pool_size,
-           "images": args.ipc * train.info.num_classes, "median_s": statistics.median(walls), "min_s": min(walls),
-           "mean_s": statistics.mean(walls), "cpu_s_per_iteration": statistics.mean(cpus),
-           "first_loss": losses[0], "last_loss": losses[-1]}
+           "images": args.ipc * train.info.num_classes, "median_s": statistics.median(mine), "min_s": min(mine),
+           "mean_s": statistics.mean(mine), "cpu_s_per_iteration": statistics.mean(cpu["tinyset"]),
+           "reference_cpu_s_per_iteration": statistics.mean(cpu["reference"]),
+           "speedup_vs_reference": rec["speedup_vs_reference"],
+           "cpu_ratio_vs_reference": statistics.mean(cpu["reference"]) / statistics.mean(cpu["tinyset"]),
+           "first_loss": losses["tinyset"][0], "last_loss": losses["tinyset"][-1],
+           "reference_first_loss": losses["reference"][0], "reference_last_loss": losses["reference"][-1]}
     print(f"{name:6s} batch_real {cfg.batch_real:3d}/class width {cfg.width}  {row['median_s']:.3f} s/iteration median "
-          f"(min {row['min_s']:.3f}, mean {row['mean_s']:.3f}; cpu {row['cpu_s_per_iteration']:.3f} s)  "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+          f"(min {row['min_s']:.3f}, mean {row['mean_s']:.3f}; cpu {row['cpu_s_per_iteration']:.3f} s, reference "
+          f"{row['reference_cpu_s_per_iteration']:.3f} s: {row['cpu_ratio_vs_reference']:.2f}x in CPU time)  "
+          f"loss {row['first_loss']:.4f} -> {row['last_loss']:.4f} (reference {row['reference_first_loss']:.4f} -> "
+          f"{row['reference_last_loss']:.4f})", flush=True)
     return row
 
 

@@ -6,7 +6,8 @@ per batch (one op per batch, per-image parameters), test accuracy after the last
 reference DM iteration (one forward pass per class for real and synthetic images, fp32); and a
 reference-style DataDAM iteration (feature maps collected by forward hooks on the ReLUs, fp32,
 no compilation; one forward per class, or upstream's one forward for all real images and one for
-all synthetic images).
+all synthetic images); a reference-style FRePo (KRR) iteration after the authors' PyTorch port; and
+the textbook DCGAN training step (the PyTorch DCGAN example's order of passes) for the GAN.
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ class ReferenceConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def reference_convnet(channels: int, num_classes: int, size: int, width: int = 128, depth: int = 3) -> nn.Module:
+def reference_convnet(channels: int, num_classes: int, size: int, width: int = 128, depth: int = 3,
+                      norm: bool = True) -> nn.Module:
+    """Upstream's ConvNet: ``depth`` blocks of conv 3x3, instance norm (``norm=False``: none), ReLU,
+    average pooling; a linear classifier."""
     layers: list[nn.Module] = []
     c, h = channels, size
     for d in range(depth):
         pad = 3 if (d == 0 and channels == 1 and size == 28) else 1
-        layers += [nn.Conv2d(c, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True), nn.ReLU(),
+        layers += [nn.Conv2d(c, width, 3, padding=pad),
+                   nn.GroupNorm(width, width, affine=True) if norm else nn.Identity(), nn.ReLU(),
                    nn.AvgPool2d(2, 2)]
         h = (h + 2 * pad - 2) // 2
         c = width
@@ -242,3 +247,114 @@ def reference_dc_iteration(images_syn, opt, pool, ipc, batch_real, augment: DSA 
                 loss_net.item()  # the reference reads the loss and the accuracy of every batch
                 int((out.argmax(1) == y_train[idx]).sum())
     return total / (k * outer_loop)
+
+
+class ReferenceKRR:
+    """A reference-style FRePo iteration, after the authors' PyTorch port (yongchaoz/FRePo
+    ``script/distill_torch.py``) written in plain torch: a pool of ``pool_size`` plain fp32 ConvNets
+    without normalisation; per iteration one pool network drawn at random, its features of the real
+    batch (no autograd) and of the synthetic images, the linear-kernel ridge regression in float32
+    (one ``torch.linalg.solve``), the MSE to the real batch's centred one-hot rows plus the label
+    margin term, one Adam step of the images and labels, then one Adam step of the drawn network on
+    (at most ``batch_syn`` of) the synthetic images, and a fresh network once it is
+    ``max_online_steps`` old. ``cfg`` is a ``KRRConfig``; the cosine schedule of the learning rates is
+    left out (it costs nothing)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, pool, cfg, seed: int):
+        from tinyset.methods.krr import centred_onehot, label_margin_loss
+
+        self._onehot, self._margin = centred_onehot, label_margin_loss
+        self.pool, self.cfg = pool, cfg
+        self.images = images.detach().clone().requires_grad_(True)
+        self.targets = targets.detach().clone().requires_grad_(bool(cfg.learn_labels))
+        self.opt = torch.optim.Adam([self.images, self.targets], lr=cfg.lr_img)
+        self.seed = seed
+        self.nets = [self._network(i) for i in range(cfg.pool_size)]
+        self.net_opts = [torch.optim.Adam(n.parameters(), lr=cfg.lr_net) for n in self.nets]
+        stride = cfg.max_online_steps / cfg.pool_size
+        self.ages = [int(i * stride) for i in range(cfg.pool_size)]
+
+    def _network(self, salt: int) -> nn.Module:
+        info = self.pool.info
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 1000 + salt)
+            return reference_convnet(info.channels, info.num_classes, info.image_size[0],
+                                     width=self.cfg.width or 128, norm=False)
+
+    def step(self, g: torch.Generator) -> float:
+        cfg, k = self.cfg, self.pool.info.num_classes
+        i = int(torch.randint(cfg.pool_size, (1,), generator=g))
+        net = self.nets[i]
+        real, labels = self.pool.sample_classes(cfg.batch_real, g)
+        net.requires_grad_(False)
+        with torch.no_grad():
+            f_real = net.embed(real)
+        f_syn = net.embed(self.images)
+        k_ss = f_syn @ f_syn.T
+        n = k_ss.shape[0]
+        lam = cfg.ridge * torch.trace(k_ss) / n
+        alpha = torch.linalg.solve(k_ss + lam * torch.eye(n), self.targets)
+        pred = (f_real @ f_syn.T) @ alpha
+        mse = ((pred - self._onehot(labels, k)) ** 2).sum(-1).mean()
+        loss = mse + cfg.label_margin * self._margin(self.targets) if cfg.learn_labels else mse
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        net.requires_grad_(True)
+        x, y = self.images.detach(), self.targets.detach()
+        if x.shape[0] > cfg.batch_syn:
+            idx = torch.randperm(x.shape[0], generator=g)[:cfg.batch_syn]
+            x, y = x[idx], y[idx]
+        loss_net = F.mse_loss(net(x), y)
+        self.net_opts[i].zero_grad()
+        loss_net.backward()
+        self.net_opts[i].step()
+        self.ages[i] += 1
+        if self.ages[i] >= cfg.max_online_steps:
+            self.nets[i] = self._network(cfg.pool_size + i)
+            self.net_opts[i] = torch.optim.Adam(self.nets[i].parameters(), lr=cfg.lr_net)
+            self.ages[i] = 0
+        return mse.item()
+
+
+class ReferenceGANStep:
+    """The textbook DCGAN training step (the order of passes of the PyTorch DCGAN example), fp32, no
+    autocast, on copies of a generator and a discriminator: discriminator loss on a real batch and on
+    detached fakes, backward, step; then the generator loss through the discriminator, backward (the
+    discriminator's parameters keep requiring gradients, as in the example), step. The losses are
+    tinyset's (``gan_losses`` of ``cfg.loss``, plus ``cfg.aux_weight`` times the auxiliary class
+    cross-entropy), so both contenders do the same mathematics."""
+
+    def __init__(self, g: nn.Module, d: nn.Module, pool, cfg):
+        import copy
+
+        from tinyset.methods.gan import gan_losses
+
+        self._losses = gan_losses
+        self.g, self.d = copy.deepcopy(g).float(), copy.deepcopy(d).float()
+        self.g.requires_grad_(True)
+        self.d.requires_grad_(True)
+        self.pool, self.cfg = pool, cfg
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg.lr_d, betas=betas)
+
+    def step(self, gen: torch.Generator) -> float:
+        cfg = self.cfg
+        real, y = self.pool.sample_classes(cfg.batch_real, gen)
+        z = torch.randn(real.shape[0], cfg.z_dim, generator=gen)
+        fake = self.g(z, y)
+        self.opt_d.zero_grad()
+        d_real, cls_real = self.d.scores(real, y)
+        d_fake = self.d(fake.detach(), y)
+        loss_d = (self._losses(cfg.loss, d_real, d_fake, generator_side=False)
+                  + cfg.aux_weight * F.cross_entropy(cls_real, y))
+        loss_d.backward()
+        self.opt_d.step()
+        self.opt_g.zero_grad()
+        d_gen, cls_gen = self.d.scores(fake, y)
+        loss_g = (self._losses(cfg.loss, None, d_gen, generator_side=True)
+                  + cfg.aux_weight * F.cross_entropy(cls_gen, y))
+        loss_g.backward()
+        self.opt_g.step()
+        return loss_d.item()

@@ -522,4 +522,6 @@ def test_bench_gan_runs_and_reports(tmp_path):
     assert "CPU:" in run.stdout and "GAN iteration" in run.stdout and "projection of 20 images" in run.stdout
     rec = json.loads(out.read_text())
     assert rec["projection"]["images"] == 20 and rec["iteration"]["cpu_s_per_iteration"] > 0
+    assert "against reference" in run.stdout and rec["iteration"]["reference_cpu_s_per_iteration"] > 0
+    assert rec["iteration"]["speedup_vs_reference"] > 0
     assert math.isfinite(rec["projection"]["mean_pixel_error"])

@@ -266,12 +266,32 @@ def test_cpu_supports_bf16_matches_native_bf16():
     (torch.device("meta"), False), ("mps", False),
 ])
 def test_im2col_first_conv_per_device(device, expected):
-    assert im2col_first_conv(device) is expected
+    assert im2col_first_conv(device, AVX512_BF16) is expected
+    assert im2col_first_conv(device, AMX) is expected
+
+
+def test_im2col_first_conv_eager_only_where_torch_runs_avx512():
+    """Eager code on an AVX2-only CPU takes oneDNN's direct convolution (measured faster there);
+    CPUs whose torch runs AVX512/AMX kernels keep the im2col product."""
+    assert im2col_first_conv("cpu", AVX2_ONLY) is False
+    assert im2col_first_conv("cpu", fake_cpu(avx512f=True, avx512_bf16=True, capability="AVX2")) is False
+    assert im2col_first_conv("cpu", AVX512_BF16) is True
+    assert im2col_first_conv("cpu") is (cpu_info().capability in ("AVX512", "AMX"))
+
+
+def test_im2col_first_conv_always_inside_compiled_cpu_graphs():
+    def choice(x):
+        return x + float(im2col_first_conv(x.device, AVX2_ONLY))
+
+    assert float(choice(torch.zeros(()))) == 0.0  # eager, AVX2-only: direct convolution
+    assert float(torch.compile(choice, backend="eager", fullgraph=True)(torch.zeros(()))) == 1.0
 
 
 @pytest.fixture
 def matmul_calls(monkeypatch):
-    """Counts calls of Conv2d._forward_matmul (the im2col path)."""
+    """Counts calls of Conv2d._forward_matmul (the im2col path); eager CPU code takes that path
+    (as on a CPU whose torch runs AVX512 kernels), whatever this host is."""
+    monkeypatch.setattr(layers, "im2col_first_conv", lambda device: im2col_first_conv(device, AVX512_BF16))
     calls = []
     original = layers.Conv2d._forward_matmul
 
@@ -371,14 +391,15 @@ def test_resolve_runtime_on_cpu(monkeypatch):
     assert rt.device == torch.device("cpu")
     assert (rt.precision, rt.precision_reason) == ("fp32", "auto: no native bf16 on this CPU (AVX2)")
     assert rt.threads == AVX2_ONLY.available_cpus == torch.get_num_threads()
-    assert rt.im2col_first_conv and rt.bit_repeatable
+    assert not rt.im2col_first_conv and rt.bit_repeatable  # eager: direct convolution on AVX2
     d = json.loads(json.dumps(rt.to_dict()))
     assert d["device"] == "cpu" and d["precision"] == "fp32" and d["threads"] == 2
-    assert d["im2col_first_conv"] is True and d["bit_repeatable"] is True
+    assert d["im2col_first_conv"] is False and d["bit_repeatable"] is True
     assert d["cpu"]["model"] == "Fake CPU" and d["cpu"]["capability"] == "AVX2"
 
     rt = resolve_runtime("cpu", "auto", cpu=AVX512_BF16, threads=1)
     assert (rt.precision, rt.precision_reason, rt.threads) == ("bf16", "auto: native AVX512-BF16", 1)
+    assert rt.im2col_first_conv
 
 
 def test_resolve_runtime_without_configure_leaves_torch_alone():
@@ -405,7 +426,7 @@ def test_resolve_runtime_bad_values():
 def test_resolve_runtime_auto_device():
     rt = resolve_runtime("auto", configure=False)
     assert rt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert rt.im2col_first_conv == (rt.device.type == "cpu")
+    assert rt.im2col_first_conv == im2col_first_conv(rt.device)
     assert rt.bit_repeatable == (rt.device.type == "cpu")
 
 

@@ -255,7 +255,7 @@ class ReferenceKRR:
     without normalisation; per iteration one pool network drawn at random, its features of the real
     batch (no autograd) and of the synthetic images, the linear-kernel ridge regression in float32
     (one ``torch.linalg.solve``), the MSE to the real batch's centred one-hot rows plus the label
-    margin term, one Adam step of the images and labels, then one Adam step of the drawn network on
+    margin term, one Adam step of the images (``lr_img``) and labels (``lr_label``), then one Adam step of the drawn network on
     (at most ``batch_syn`` of) the synthetic images, and a fresh network once it is
     ``max_online_steps`` old. ``cfg`` is a ``KRRConfig``; the cosine schedule of the learning rates is
     left out (it costs nothing)."""
@@ -267,7 +267,8 @@ class ReferenceKRR:
         self.pool, self.cfg = pool, cfg
         self.images = images.detach().clone().requires_grad_(True)
         self.targets = targets.detach().clone().requires_grad_(bool(cfg.learn_labels))
-        self.opt = torch.optim.Adam([self.images, self.targets], lr=cfg.lr_img)
+        self.opt = torch.optim.Adam([{"params": [self.images], "lr": cfg.lr_img},
+                                     {"params": [self.targets], "lr": cfg.lr_label}])
         self.seed = seed
         self.nets = [self._network(i) for i in range(cfg.pool_size)]
         self.net_opts = [torch.optim.Adam(n.parameters(), lr=cfg.lr_net) for n in self.nets]

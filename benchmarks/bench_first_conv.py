@@ -25,21 +25,25 @@ from racing import race, report  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tinyset.models.layers import Conv2d  # noqa: E402
-from tinyset.runtime import describe_machine, resolve_runtime  # noqa: E402
+from tinyset.runtime import autocast, describe_machine, resolve_runtime  # noqa: E402
 
 #: (output channels, images, members): the KRR pool at width 64, DM / evaluation batches at width 128,
 #: five evaluation members at once, the MTT/selection width 32
 CASES = ((64, 320, 1), (128, 256, 1), (128, 100, 5), (32, 256, 1))
 
 
-def passes(conv: Conv2d, x: torch.Tensor, compiled: bool):
+def passes(conv: Conv2d, x: torch.Tensor, compiled: bool, precision: str = "fp32"):
+    dev = torch.device("cpu")
+
     def im2col():
-        y = conv._forward_matmul(x, conv.bias)
-        y.relu().sum().backward()
+        with autocast(dev, precision):
+            y = conv._forward_matmul(x, conv.bias)
+        y.float().relu().sum().backward()
 
     def direct():
-        y = F.conv2d(x, conv.weight, conv.bias, 1, conv.padding, groups=conv.members)
-        y.relu().sum().backward()
+        with autocast(dev, precision):
+            y = F.conv2d(x, conv.weight, conv.bias, 1, conv.padding, groups=conv.members)
+        y.float().relu().sum().backward()
 
     if compiled:
         return torch.compile(im2col), torch.compile(direct)
@@ -53,9 +57,12 @@ def main() -> None:
     p.add_argument("--compiled", action="store_true", help="time both paths inside torch.compile")
     p.add_argument("--no-input-grad", action="store_true", help="the input does not require a gradient")
     p.add_argument("--cases", default=None, help="comma-separated COUT:N:MEMBERS (default: the four built in)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="fp32, bf16 (autocast, as runs with precision bf16 take it) or auto (the run's choice: "
+                        "bf16 only where the CPU runs it natively)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    runtime = resolve_runtime("cpu", "fp32", threads=args.threads)
+    runtime = resolve_runtime("cpu", args.precision, threads=args.threads)
     print(describe_machine(runtime), flush=True)
     cases = CASES if args.cases is None else tuple(tuple(int(v) for v in c.split(":")) for c in args.cases.split(","))
     mode = "compiled" if args.compiled else "eager"
@@ -65,10 +72,10 @@ def main() -> None:
         conv.reset_parameters(torch.Generator().manual_seed(0))
         x = torch.randn(n, members, 28, 28, generator=torch.Generator().manual_seed(1))
         x.requires_grad_(not args.no_input_grad)
-        im2col, direct = passes(conv, x, args.compiled)
-        label = f"{mode} 1->{cout} x{members}, {n} images"
+        im2col, direct = passes(conv, x, args.compiled, runtime.precision)
+        label = f"{mode} {runtime.precision} 1->{cout} x{members}, {n} images"
         contenders = {"tinyset": ("im2col matrix product", im2col), "direct": ("F.conv2d (oneDNN)", direct)}
-        rec = report(label, contenders, race(label, contenders, args.reps), "pass", runtime.threads, "fp32",
+        rec = report(label, contenders, race(label, contenders, args.reps), "pass", runtime.threads, runtime.precision,
                      {"cout": cout, "images": n, "members": members, "mode": mode,
                       "input_grad": not args.no_input_grad})
         rows.append(rec)

@@ -261,37 +261,47 @@ def test_cpu_supports_bf16_matches_native_bf16():
 
 # --------------------------------------------------------------------------- im2col path choice
 
-@pytest.mark.parametrize("device,expected", [
-    (torch.device("cpu"), True), ("cpu", True), (torch.device("cuda"), False), ("cuda:1", False),
-    (torch.device("meta"), False), ("mps", False),
-])
-def test_im2col_first_conv_per_device(device, expected):
-    assert im2col_first_conv(device, AVX512_BF16) is expected
-    assert im2col_first_conv(device, AMX) is expected
+@pytest.mark.parametrize("device", [torch.device("cpu"), "cpu", torch.device("cuda"), "cuda:1",
+                                    torch.device("meta"), "mps"])
+def test_im2col_first_conv_never_in_eager_code(device):
+    """Eager code takes oneDNN's direct convolution on every device (measured faster on AVX2 and on
+    AVX512/AMX CPUs, in fp32 and bf16)."""
+    assert im2col_first_conv(device) is False
 
 
-def test_im2col_first_conv_eager_only_where_torch_runs_avx512():
-    """Eager code on an AVX2-only CPU takes oneDNN's direct convolution (measured faster there);
-    CPUs whose torch runs AVX512/AMX kernels keep the im2col product."""
-    assert im2col_first_conv("cpu", AVX2_ONLY) is False
-    assert im2col_first_conv("cpu", fake_cpu(avx512f=True, avx512_bf16=True, capability="AVX2")) is False
-    assert im2col_first_conv("cpu", AVX512_BF16) is True
-    assert im2col_first_conv("cpu") is (cpu_info().capability in ("AVX512", "AMX"))
-
-
-def test_im2col_first_conv_always_inside_compiled_cpu_graphs():
+@pytest.mark.parametrize("device,expected", [("cpu", True), ("cuda", False), ("meta", False)])
+def test_im2col_first_conv_inside_compiled_graphs_on_cpu_only(device, expected):
     def choice(x):
-        return x + float(im2col_first_conv(x.device, AVX2_ONLY))
+        return x + float(im2col_first_conv(device))
 
-    assert float(choice(torch.zeros(()))) == 0.0  # eager, AVX2-only: direct convolution
-    assert float(torch.compile(choice, backend="eager", fullgraph=True)(torch.zeros(()))) == 1.0
+    assert float(choice(torch.zeros(()))) == 0.0  # eager: direct convolution
+    assert float(torch.compile(choice, backend="eager", fullgraph=True)(torch.zeros(()))) == float(expected)
+
+
+def test_conv2d_takes_im2col_only_inside_a_compiled_cpu_graph(monkeypatch):
+    calls = []
+    original = layers.Conv2d._forward_matmul
+
+    def spy(self, x, bias):
+        calls.append(torch.compiler.is_compiling())
+        return original(self, x, bias)
+
+    monkeypatch.setattr(layers.Conv2d, "_forward_matmul", spy)
+    conv = layers.Conv2d(1, 4, 3, padding=1)
+    conv.reset_parameters(torch.Generator().manual_seed(0))
+    x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    eager = conv(x)
+    assert calls == []
+    compiled = torch.compile(conv, backend="eager", fullgraph=True)(x)
+    assert calls == [True]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
 def matmul_calls(monkeypatch):
-    """Counts calls of Conv2d._forward_matmul (the im2col path); eager CPU code takes that path
-    (as on a CPU whose torch runs AVX512 kernels), whatever this host is."""
-    monkeypatch.setattr(layers, "im2col_first_conv", lambda device: im2col_first_conv(device, AVX512_BF16))
+    """Counts calls of Conv2d._forward_matmul (the im2col path); eager CPU code is made to take that
+    path (as compiled CPU graphs do)."""
+    monkeypatch.setattr(layers, "im2col_first_conv", lambda device: device.type == "cpu")
     calls = []
     original = layers.Conv2d._forward_matmul
 
@@ -391,15 +401,14 @@ def test_resolve_runtime_on_cpu(monkeypatch):
     assert rt.device == torch.device("cpu")
     assert (rt.precision, rt.precision_reason) == ("fp32", "auto: no native bf16 on this CPU (AVX2)")
     assert rt.threads == AVX2_ONLY.available_cpus == torch.get_num_threads()
-    assert not rt.im2col_first_conv and rt.bit_repeatable  # eager: direct convolution on AVX2
+    assert rt.bit_repeatable
     d = json.loads(json.dumps(rt.to_dict()))
     assert d["device"] == "cpu" and d["precision"] == "fp32" and d["threads"] == 2
-    assert d["im2col_first_conv"] is False and d["bit_repeatable"] is True
+    assert d["bit_repeatable"] is True
     assert d["cpu"]["model"] == "Fake CPU" and d["cpu"]["capability"] == "AVX2"
 
     rt = resolve_runtime("cpu", "auto", cpu=AVX512_BF16, threads=1)
     assert (rt.precision, rt.precision_reason, rt.threads) == ("bf16", "auto: native AVX512-BF16", 1)
-    assert rt.im2col_first_conv
 
 
 def test_resolve_runtime_without_configure_leaves_torch_alone():
@@ -426,7 +435,6 @@ def test_resolve_runtime_bad_values():
 def test_resolve_runtime_auto_device():
     rt = resolve_runtime("auto", configure=False)
     assert rt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert rt.im2col_first_conv == im2col_first_conv(rt.device)
     assert rt.bit_repeatable == (rt.device.type == "cpu")
 
 
@@ -470,6 +478,6 @@ def test_convnet_on_cuda_skips_im2col_and_matches_cpu(matmul_calls, monkeypatch)
 def test_resolve_runtime_on_cuda():
     rt = resolve_runtime("cuda", "auto", configure=False)
     assert rt.device.type == "cuda"
-    assert rt.precision == "fp32" and not rt.im2col_first_conv and not rt.bit_repeatable
+    assert rt.precision == "fp32" and not rt.bit_repeatable
     assert "device cuda" in describe_machine(rt)
     assert native_bf16(rt.device) == torch.cuda.is_bf16_supported()

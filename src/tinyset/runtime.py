@@ -10,8 +10,8 @@ Paths are chosen per device:
   running its AVX512/AMX kernels); fp32 on CUDA, where bf16 autocast was measured slower than fp32
   for these small networks (launch-bound, not math-bound);
 * the first convolution's im2col matrix product (:class:`tinyset.models.layers.Conv2d`) on CPU
-  only (on CUDA it costs thousands of extra kernel launches per DM iteration): in compiled graphs
-  always, in eager code only where torch runs AVX512/AMX kernels (:func:`im2col_first_conv`);
+  only, inside compiled graphs (on CUDA it costs thousands of extra kernel launches per DM
+  iteration; in eager CPU code oneDNN's direct kernel is faster): :func:`im2col_first_conv`;
 * threads: ``--threads`` / ``TINYSET_THREADS`` / the CPUs this process may actually use (affinity
   and cgroup quota), so a container limited to 2 CPUs on a 64-core host does not start 64 threads.
 
@@ -350,31 +350,27 @@ def resolve_precision(precision: str, device: str | torch.device, cpu: CpuInfo |
     return _precision_choice(precision, device, cpu)[0]
 
 
-def im2col_first_conv(device: str | torch.device, cpu: CpuInfo | None = None) -> bool:
-    """Whether the first convolution (tiny receptive field) runs as an im2col matrix product.
+def im2col_first_conv(device: str | torch.device) -> bool:
+    """Whether the first convolution (tiny receptive field) runs as an im2col matrix product: only on
+    CPU, and only inside a graph ``torch.compile`` is tracing.
 
+    * Compiled CPU graphs: inductor fuses the bias and the layout change into the matrix product.
+      Measured (``python benchmarks/bench_first_conv.py --compiled``, one thread, 1 -> 128 channels):
+      1.24-1.27x faster than oneDNN's direct kernel in bf16 on an AMX CPU; on an AVX2-only AMD EPYC
+      in fp32, 20 epochs of 5 compiled ConvNets on 100 MNIST images took 61-69 CPU-s with it, 75-84
+      without.
+    * Eager CPU code (the KRR pool, the GAN, DC's synthetic side, ...): never. oneDNN's direct kernel
+      was faster for the layer (forward and backward) on every CPU measured: im2col ran at
+      0.41-0.48x its speed on AVX2 (fp32), 0.45-0.67x in fp32 and 0.69-0.74x in bf16 on AVX512 with
+      AMX; a whole KRR iteration on the AMX CPU ran 1.24x faster without it.
     * CUDA and other devices: never. It was measured to cost ~2,950 extra kernel launches per DM
       iteration and 42% of GPU time (DM ~2x faster without it, DC/DSA 1.2x).
-    * CPU, inside a graph ``torch.compile`` is tracing: always. Inductor fuses the bias and the
-      layout change into the matrix product; measured on an AVX2-only AMD EPYC, one thread, fp32:
-      20 epochs of 5 compiled ConvNets on 100 MNIST images took 61-69 CPU-s with it, 75-84 without.
-    * CPU, eager code (the KRR pool, DataDAM, the GAN, ...): where torch runs its AVX512/AMX kernels
-      (the machines the path was first chosen on). On AVX2-only CPUs oneDNN's direct kernel wins:
-      the first MNIST layer (1 -> 64 channels, 320 images, forward and backward, fp32, one thread)
-      took 297 ms direct against 732 ms as im2col (1 -> 128, 256 images: 486 against 1156 ms;
-      ``python benchmarks/bench_first_conv.py``).
 
-    Both paths compute the same function (up to rounding). ``cpu`` defaults to this host. A plain
-    check of the device type and of ``torch.compiler.is_compiling()`` first, so it traces under
-    ``torch.compile``.
+    Both paths compute the same function (up to rounding). A plain check of the device type and of
+    ``torch.compiler.is_compiling()``, so it traces under ``torch.compile``.
     """
     dev = device if isinstance(device, torch.device) else _as_device(device)
-    if dev.type != "cpu":
-        return False
-    if torch.compiler.is_compiling():
-        return True
-    info = cpu if cpu is not None else _host_cpu_flags()
-    return info.capability in _BF16_CAPABILITIES
+    return dev.type == "cpu" and torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------- threads
@@ -425,7 +421,6 @@ def configure_threads(threads: int | None = None) -> int:
 class Runtime:
     """Device, precision and threads of one run, resolved once (see :func:`resolve_runtime`).
 
-    ``im2col_first_conv``: the choice for eager code (compiled CPU graphs always take it).
     ``bit_repeatable``: whether the same seed gives bit-identical results (and resume continues a
     run exactly). True on CPU; False on CUDA, whose backward kernels reduce with atomic adds in
     varying order (DM especially): CUDA runs agree only up to floating-point noise.
@@ -435,7 +430,6 @@ class Runtime:
     precision: str
     precision_reason: str
     threads: int
-    im2col_first_conv: bool
     bit_repeatable: bool
     cpu: CpuInfo
 
@@ -443,7 +437,7 @@ class Runtime:
         """JSON-ready, for the run's config."""
         return {"device": str(self.device), "precision": self.precision,
                 "precision_reason": self.precision_reason, "threads": self.threads,
-                "im2col_first_conv": self.im2col_first_conv, "bit_repeatable": self.bit_repeatable,
+                "bit_repeatable": self.bit_repeatable,
                 "cpu": self.cpu.to_dict()}
 
 
@@ -470,7 +464,7 @@ def resolve_runtime(device: str | torch.device | None = "auto", precision: str =
         resolve_threads(threads, cpu_count=info.available_cpus)
         n = torch.get_num_threads()
     return Runtime(device=dev, precision=prec, precision_reason=reason, threads=n,
-                   im2col_first_conv=im2col_first_conv(dev, info), bit_repeatable=dev.type == "cpu", cpu=info)
+                   bit_repeatable=dev.type == "cpu", cpu=info)
 
 
 def describe_machine(runtime: Runtime | None = None) -> str:
@@ -496,9 +490,7 @@ def describe_machine(runtime: Runtime | None = None) -> str:
         name = ""
         if rt.device.type == "cuda" and torch.cuda.is_available():
             name = f" ({torch.cuda.get_device_name(rt.device)})"
-        line += (f" | device {rt.device}{name}, im2col first conv "
-                 f"{'on' if rt.im2col_first_conv else 'off'}, "
-                 f"{'bit-repeatable' if rt.bit_repeatable else 'not bit-repeatable'}")
+        line += f" | device {rt.device}{name}, {'bit-repeatable' if rt.bit_repeatable else 'not bit-repeatable'}"
     return line
 
 

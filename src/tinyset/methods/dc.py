@@ -32,9 +32,9 @@ How it is computed (the mathematics of the per-class loop, organised for speed):
   with it) and the inner loop's training forward are compiled once per run (the network object
   is re-initialised in place every iteration instead of rebuilt, as in DM); compiled, the real
   side ran 1.7x faster than eager (bf16, 1 thread). The synthetic side needs a second
-  derivative, which compiled graphs do not provide: it runs eagerly, and without the first
-  convolution's im2col path (:func:`tinyset.runtime.im2col_first_conv`), whose double backward
-  was measured 1.4x slower.
+  derivative, which compiled graphs do not provide: it runs eagerly, with oneDNN's direct first
+  convolution (eager code never takes the im2col path, :func:`tinyset.runtime.im2col_first_conv`;
+  its double backward was measured 1.4x slower).
 * **Precision**: the run's resolved precision (``auto`` is bf16 only where the CPU runs it
   natively, see :func:`tinyset.runtime.resolve_precision`); gradients and distances are fp32.
 * **Random draws** are those of the per-class loop, in its order: per outer step the BatchNorm
@@ -44,9 +44,8 @@ How it is computed (the mathematics of the per-class loop, organised for speed):
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -161,19 +160,6 @@ def classes_per_pass(num_classes: int, per_class: int) -> int:
     number of members and one replica serves them all."""
     cap = max(1, BATCHED_MAX_IMAGES // max(1, per_class))
     return max(d for d in range(1, num_classes + 1) if num_classes % d == 0 and d <= cap)
-
-
-@contextlib.contextmanager
-def _direct_convs(net: nn.Module, on: bool = True) -> Iterator[None]:
-    """Within the block, ``net``'s convolutions skip the im2col path (same function; restored after)."""
-    convs = [m for m in net.modules() if isinstance(m, Conv2d) and m.use_matmul] if on else []
-    for m in convs:
-        m.use_matmul = False
-    try:
-        yield
-    finally:
-        for m in convs:
-            m.use_matmul = True
 
 
 def class_batching(device: torch.device, ipc: int) -> tuple[bool, bool]:
@@ -343,10 +329,9 @@ class GradientMatching(Distiller):
     def _gradients_one(self, x: torch.Tensor, c: int, create_graph: bool) -> tuple[torch.Tensor, ...]:
         net = self.net
         params = self._params(net)
-        # compiled graphs have no second derivative: the synthetic side runs eagerly, and without the
-        # first convolution's im2col path (see the module docstring)
+        # compiled graphs have no second derivative: the synthetic side runs eagerly
         forward = self._real_forward if (self._real_forward is not None and not create_graph) else None
-        with autocast(self.device, self.precision), _direct_convs(net, create_graph):
+        with autocast(self.device, self.precision):
             out = forward(net, x) if forward is not None else net(x)
         target = torch.full((x.shape[0],), c, dtype=torch.long, device=self.device)
         return torch.autograd.grad(F.cross_entropy(out.float(), target), params, create_graph=create_graph)
@@ -375,9 +360,6 @@ class GradientMatching(Distiller):
         if k not in self._replicas:
             spec = self.net.spec()
             replica = create_model(spec.pop("name"), members=k, device=self.device, **spec)
-            for m in replica.modules():
-                if isinstance(m, Conv2d):  # the im2col path would build a k-times larger block matrix
-                    m.use_matmul = False
             self._replicas[k] = replica
         replica, src = self._replicas[k], self.net.state_dict()
         with torch.no_grad():

@@ -66,11 +66,10 @@ class Conv2d(nn.Module):
 
     Convolutions whose receptive field is tiny (``cin*k*k <= 27``, the first layer on MNIST or
     CIFAR; ``use_matmul`` says a layer is eligible) can run as an im2col matrix product instead:
-    in compiled CPU graphs it beats oneDNN's direct kernels for one or three input channels, and
-    in eager code it does on CPUs where torch runs AVX512 kernels, not on AVX2-only ones. On CUDA
-    the rewrite costs thousands of extra kernel launches. So the path is chosen per device, CPU
-    and mode at every call (:func:`tinyset.runtime.im2col_first_conv`). Both paths compute the same
-    function.
+    in compiled CPU graphs it beats oneDNN's direct kernels for one or three input channels; in
+    eager CPU code it does not, and on CUDA the rewrite costs thousands of extra kernel launches.
+    So the path is chosen per device and mode at every call
+    (:func:`tinyset.runtime.im2col_first_conv`). Both paths compute the same function.
 
     ``bias_cancelled`` (set by the model when an InstanceNorm follows) skips adding the bias, which
     that norm would remove anyway; see :class:`_CancelledBias`.

@@ -129,3 +129,29 @@ def test_wrong_channels_is_clear():
     m = create_model("convnet", 1, 10, 28)
     with pytest.raises(ConfigError, match="expects 1 channels"):
         m(torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
+def test_avgpool2x2_is_avgpool2d_in_eager_and_compiled_code(hw):
+    """The ConvNet's pool: the dedicated kernel in eager code (bit-identical to nn.AvgPool2d), a
+    reshape-mean inside compiled graphs (same values and gradients up to rounding; an odd last row or
+    column dropped, as AvgPool2d does)."""
+    from tinyset.models.layers import AvgPool2x2
+
+    x = torch.randn(3, 4, *hw, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = torch.nn.AvgPool2d(2, 2)(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    pool = AvgPool2x2()
+    assert torch.equal(pool(x), ref)
+    compiled = torch.compile(pool, backend="eager", fullgraph=True)(x)
+    assert compiled.shape == ref.shape == (3, 4, hw[0] // 2, hw[1] // 2)
+    torch.testing.assert_close(compiled, ref, rtol=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_convnet_pools_with_avgpool2x2():
+    from tinyset.models.layers import AvgPool2x2
+
+    net = create_model("convnet", 1, 10, 28)
+    assert sum(isinstance(m, AvgPool2x2) for m in net.modules()) == 3

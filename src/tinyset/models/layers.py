@@ -94,7 +94,7 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias_cancelled else self.bias
-        if self.use_matmul and im2col_first_conv(x.device):  # eligible, and the device wants it
+        if self.use_matmul and im2col_first_conv(x.device):  # eligible, on CPU, inside a compiled graph
             y = self._forward_matmul(x, bias)
         else:
             y = F.conv2d(x, self.weight, bias, self.stride, self.padding, groups=self.members)
@@ -235,9 +235,31 @@ def make_activation(kind: str) -> nn.Module:
     return _ACTIVATIONS[kind]()
 
 
+class AvgPool2x2(nn.Module):
+    """``nn.AvgPool2d(2, 2)``, written for the compiler where that pays.
+
+    Inside a graph ``torch.compile`` is tracing (on any device) the pool is a reshape and a mean over
+    the 2x2 windows: inductor then fuses the preceding normalisation and activation into the pooling
+    reduction, so their full-size output is never written (measured on an AMX CPU, one thread, bf16:
+    a compiled MNIST ConvNet's forward and backward on 256 images 1.39x faster). In eager code the
+    dedicated ``avg_pool2d`` kernel is faster (measured 1.4-1.6x for that layer), so it is kept there.
+    Both compute the same function up to rounding; an odd last row or column is dropped, as
+    ``AvgPool2d`` does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return F.avg_pool2d(x, 2, 2)
+        n, c, h, w = x.shape
+        h2, w2 = h // 2, w // 2
+        if (h, w) != (2 * h2, 2 * w2):
+            x = x[:, :, :2 * h2, :2 * w2]
+        return x.reshape(n, c, h2, 2, w2, 2).mean((3, 5))
+
+
 def make_pool(kind: str) -> nn.Module:
     if kind == "avgpooling":
-        return nn.AvgPool2d(2, 2)
+        return AvgPool2x2()
     if kind == "maxpooling":
         return nn.MaxPool2d(2, 2)
     if kind == "none":

@@ -32,9 +32,16 @@ How it is computed (the mathematics of the per-class loop, organised for speed):
   with it) and the inner loop's training forward are compiled once per run (the network object
   is re-initialised in place every iteration instead of rebuilt, as in DM); compiled, the real
   side ran 1.7x faster than eager (bf16, 1 thread). The synthetic side needs a second
-  derivative, which compiled graphs do not provide: it runs eagerly, with oneDNN's direct first
-  convolution (eager code never takes the im2col path, :func:`tinyset.runtime.im2col_first_conv`;
-  its double backward was measured 1.4x slower).
+  derivative, which ``torch.compile``'d autograd graphs do not provide: it runs eagerly (with
+  oneDNN's direct first convolution; eager code never takes the im2col path), or, class by class on
+  CPU, as a compiled ``torch.func`` function (next point).
+* **Compiled synthetic side** (CPU, class by class, when ``compile`` is on): instead of the eager
+  double backward, :meth:`GradientMatching.functional_syn_loss` compiles, per class, the distance
+  of the ``torch.func.grad`` of the cross-entropy and its gradient with respect to the augmented
+  synthetic images (``torch.func.grad_and_value``) as one graph; the DSA augmentation is
+  differentiated eagerly through a surrogate term. Measured on an AMX CPU (bf16, one thread, MNIST
+  ipc 10): 0.2 s against 1.1 s per image update for that side, a DSA outer iteration 1.25x faster.
+  ``tests/test_dc_batched.py`` checks loss and image gradients against the per-class loop to 1e-5.
 * **Precision**: the run's resolved precision (``auto`` is bf16 only where the CPU runs it
   natively, see :func:`tinyset.runtime.resolve_precision`); gradients and distances are fp32.
 * **Random draws** are those of the per-class loop, in its order: per outer step the BatchNorm
@@ -50,6 +57,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from tinyset.errors import ConfigError
 from tinyset.methods import METHODS
@@ -238,6 +246,7 @@ class GradientMatching(Distiller):
         self._replicas: dict[int, TinyNet] = {}  # members -> replica of ``_replicas_of``
         self._replicas_of: nn.Module | None = None
         self._real_forward = CompiledForward(cfg.model, "match") if self.compiled else None
+        self._syn_fn = None  # the compiled synthetic-side function (built on first use)
         super().setup(gen)
 
     def wants_compile(self) -> bool:
@@ -250,8 +259,12 @@ class GradientMatching(Distiller):
         still = [self._real_forward.compiled] if self._real_forward is not None else []
         still += list(compile_status(self.net).values())
         compiled = ("compiled" if all(still) else "compile fell back to eager") if self.compiled else "eager"
-        return (f"{self.precision}, {compiled}, real gradients {side[self.batched_real]}, "
-                f"synthetic gradients {side[self.batched_syn]}")
+        syn = side[self.batched_syn] + (" (compiled torch.func)" if self._compiled_syn(self.batched_syn) else "")
+        return f"{self.precision}, {compiled}, real gradients {side[self.batched_real]}, synthetic gradients {syn}"
+
+    def _compiled_syn(self, batched_syn: bool) -> bool:
+        """Whether the class-by-class synthetic side runs as one compiled torch.func function."""
+        return self.compiled and not batched_syn
 
     # ------------------------------------------------------------------ one outer iteration
     def step(self, gen: torch.Generator) -> float:
@@ -300,9 +313,57 @@ class GradientMatching(Distiller):
         default to :func:`class_batching`'s choice."""
         g_real = self.class_gradients(reals, create_graph=False,
                                       batched=self.batched_real if batched_real is None else batched_real)
-        g_syn = self.class_gradients(syns, create_graph=True,
-                                     batched=self.batched_syn if batched_syn is None else batched_syn)
+        batched_syn = self.batched_syn if batched_syn is None else batched_syn
+        if self._compiled_syn(batched_syn):
+            return self.functional_syn_loss(syns, g_real)
+        g_syn = self.class_gradients(syns, create_graph=True, batched=batched_syn)
         return class_distance(self.cfg.distance, g_syn, g_real)
+
+    # ------------------------------------------------------------------ compiled synthetic side
+    def functional_syn_loss(self, syns: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``sum_c distance(grad on syns[c], g_real[c])`` through one compiled function per class.
+
+        The eager synthetic side differentiates through the network's gradient (create_graph) and
+        later backpropagates through that graph: many small eager kernels, unfused (measured 1.1 s
+        per image update on an AMX CPU, MNIST ipc 10, bf16). Here ``torch.func.grad_and_value`` of
+        "distance of ``torch.func.grad`` of the cross-entropy" gives, for each class, the distance
+        and its gradient with respect to the (augmented) synthetic images ``syns[c]``, compiled as
+        one graph (0.2 s for the same work). The returned tensor has the distance's value and, by
+        a surrogate term ``sum_c <syns[c], d distance / d syns[c]>`` (whose value is subtracted
+        again), the same gradient with respect to whatever ``syns`` were computed from (the images
+        and the differentiable DSA). Same mathematics as the eager path, up to rounding.
+        """
+        net = self.net
+        name_of = {id(t): n for n, t in net.named_parameters()}
+        params = {name_of[id(t)]: t.detach() for t in self._params(net)}  # in g_real's order
+        rest = {n: t.detach() for n, t in net.named_parameters() if n not in params}
+        rest.update(dict(net.named_buffers()))
+        fn = self._syn_function(tuple(params))
+        value = torch.zeros((), device=self.device)
+        surrogate = torch.zeros((), device=self.device)
+        for c, x in enumerate(syns):
+            target = torch.full((x.shape[0],), c, dtype=torch.long, device=self.device)
+            gx, v = fn(x.detach(), params, rest, target, [g[c] for g in g_real])
+            value = value + v
+            surrogate = surrogate + (x * gx).sum()
+        return value.detach() + (surrogate - surrogate.detach())
+
+    def _syn_function(self, names: tuple[str, ...]):
+        if self._syn_fn is None or self._syn_fn[0] != names:
+            net, device, precision, distance = self.net, self.device, self.precision, self.cfg.distance
+
+            def cross_entropy(params, rest, x, target):
+                with autocast(device, precision):
+                    out = functional_call(net, {**params, **rest}, (x,))
+                return F.cross_entropy(out.float(), target)
+
+            def distance_to_real(x, params, rest, target, g_real):
+                g = torch.func.grad(cross_entropy)(params, rest, x, target)
+                return class_distance(distance, [g[n].float().unsqueeze(0) for n in names],
+                                      [t.unsqueeze(0) for t in g_real])
+
+            self._syn_fn = (names, torch.compile(torch.func.grad_and_value(distance_to_real)))
+        return self._syn_fn[1]
 
     # ------------------------------------------------------------------ per-class gradients
     def _params(self, net: nn.Module) -> list[torch.Tensor]:

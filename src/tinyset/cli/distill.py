@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from tinyset.data import check_ipc
     from tinyset.files import check_output_dir
     from tinyset.hparams import parse_sets
-    from tinyset.methods.loop import distill, resolve_config
+    from tinyset.methods import METHODS
+    from tinyset.methods.loop import distill, method_precision, resolve_config
 
     rt = args.runtime
     positive("--ipc", args.ipc)
@@ -92,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(post)
         bar.update(1)
 
+    precision, why = method_precision(METHODS.get(args.method), getattr(args, "precision", "auto"), rt.device,
+                                      rt.precision)
+    if why is not None:
+        rt = dataclasses.replace(rt, precision=precision, precision_reason=why)
+        print(f"precision {precision} ({why})", file=sys.stderr)
     try:
         res = distill(args.method, train, args.ipc, out, preset=args.preset, config_file=args.config_file,
                       sets=sets, overrides=flags, seed=args.seed, device=rt.device, precision=rt.precision,

@@ -100,6 +100,9 @@ class Distiller:
     #: which expert sets (``tinyset experts``) the method distils from: ``"plain"``, ``"curriculum"`` (made
     #: with ``--curriculum``) or ``None`` (none); ``tinyset experts`` names the matching methods in its hint
     expert_kind: ClassVar[str | None] = None
+    #: what ``--precision auto`` runs for this method whatever the CPU (``None``: the runtime's rule, bf16
+    #: where the CPU has native bf16); an explicit ``--precision`` always wins
+    auto_precision: ClassVar[str | None] = None
     #: ``complete(values, dataset, ipc) -> {field: (value, why)}`` fills fields no layer set
     complete: ClassVar[Callable[[dict, str, int], dict[str, tuple[Any, str]]] | None] = None
 

@@ -171,6 +171,21 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- the loop
+def method_precision(cls: type[Distiller], requested: str, device: torch.device | str,
+                     resolved: str | None = None) -> tuple[str, str | None]:
+    """The precision a run of method ``cls`` uses, and why when the method's own rule decided it.
+
+    ``requested`` is what the user asked for (``auto``, ``fp32`` or ``bf16``); ``resolved`` the
+    runtime's resolution of it, if already made (else :func:`tinyset.runtime.resolve_precision`).
+    ``auto`` gives way to :attr:`Distiller.auto_precision` where the method sets one.
+    """
+    runtime_choice = resolved if resolved is not None else resolve_precision(requested, device)
+    rule = cls.auto_precision
+    if requested == "auto" and rule is not None and rule != runtime_choice:
+        return rule, f"auto: {rule} for {cls.name}, the method's rule; an explicit --precision overrides it"
+    return runtime_choice, None
+
+
 def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, preset: str = "cpu",
             config_file: str | Path | None = None, sets: Mapping[str, Any] | None = None,
             overrides: Mapping[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
@@ -202,9 +217,9 @@ def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, 
     if not resume and ckpt_path.exists():
         raise ConfigError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or "
                           f"choose another --out")
-    precision = resolve_precision(precision, device)
     key = METHODS._key(method)
     cls: type[Distiller] = METHODS.get(key)
+    precision = method_precision(cls, precision, device)[0]
     identity = {"method": key, "dataset": train.info.name, "ipc": ipc, "seed": seed}
 
     gen = make_generator(seed)

@@ -34,7 +34,8 @@ def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> N
     if precision:
         p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="autocast precision: auto = bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), "
-                            "fp32 on CUDA and on other CPUs")
+                            "fp32 on CUDA and on other CPUs; a distillation method may pin auto to fp32 "
+                            "(`tinyset methods NAME` says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
 
 

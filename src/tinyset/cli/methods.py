@@ -31,4 +31,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{'; '.join(where) or 'all'}] {dict(row.values)}\n      source: {row.source}")
     if cls.cpu_rule is not None:
         print(f"\ncpu profile (--preset cpu, the default): {cls.cpu_rule.description}")
+    if cls.auto_precision is not None:
+        print(f"\nprecision: --precision auto runs {cls.auto_precision} for this method on every device "
+              "(an explicit --precision overrides it)")
     return 0

@@ -40,8 +40,8 @@ Gradients of both paths agree to rounding (tested to 1e-5 relative, eager fp32).
 under the run's ``precision``, losses and the parameter vectors in fp32. ``--precision auto`` runs
 fp32 for this method on every CPU (:attr:`TrajectoryMatching.auto_precision`): with the bf16
 autocast the MNIST ``cpu`` preset's loss turned up after 150 iterations on an AMX CPU and the set
-fell below random images; ``--precision bf16`` still asks for it. On MNIST with a trained expert, bf16 moved the first loss by about
-3e-3 relative against fp32; the unrolled gradients through InstanceNorm are ill-conditioned enough
+fell below random images; ``--precision bf16`` still asks for it. On MNIST with a trained expert,
+bf16 moved the first loss by about 3e-3 relative against fp32; the unrolled gradients through InstanceNorm are ill-conditioned enough
 that even compiled fp32 (other kernels, other rounding) moves image gradients by ~1e-2 relative.
 Set ``--precision fp32`` for the reference's arithmetic. The learned ``lr`` is stored in the
 synthetic set (:attr:`tinyset.synset.SyntheticSet.lr`); evaluation protocols with ``lr = null``

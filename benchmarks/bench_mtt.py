@@ -73,7 +73,7 @@ from tinyset.data.base import ImageDataset, get_spec  # noqa: E402
 from tinyset.experts import ExpertSet, ExpertSettings, train_experts  # noqa: E402
 from tinyset.methods import METHODS  # noqa: E402
 from tinyset.methods.base import DistillContext  # noqa: E402
-from tinyset.methods.loop import resolve_config  # noqa: E402
+from tinyset.methods.loop import method_precision, resolve_config  # noqa: E402
 from tinyset.rng import make_generator  # noqa: E402
 from tinyset.runtime import describe_machine, resolve_runtime, tune_allocator  # noqa: E402
 
@@ -328,7 +328,9 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("TINYSET_SHARED_DATASETS", "../shared/datasets"))
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--ipc", type=int, default=10)
-    ap.add_argument("--precision", default="auto", help="tinyset's precision (auto: bf16 where native)")
+    ap.add_argument("--precision", default="auto",
+                    help="tinyset's precision (auto: what `tinyset distill --method mtt` runs, fp32 on every CPU; "
+                         "bf16 must be asked for)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (the issue's figures use 1)")
     ap.add_argument("--configs", default="cpu,paper", help="timed configurations: cpu, paper")
     ap.add_argument("--reps", type=int, default=3, help="timed turns of each loop per configuration")
@@ -350,8 +352,8 @@ def main() -> None:
     if args.probe:
         print(json.dumps(memory_probe(**json.loads(args.probe))))
         return
-    print(describe_machine(runtime), flush=True)
-    precision = runtime.precision
+    precision, why = method_precision(METHODS.get("mtt"), args.precision, "cpu", runtime.precision)
+    print(describe_machine(runtime) + (f" -> {precision} for MTT ({why})" if why else ""), flush=True)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:

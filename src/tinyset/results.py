@@ -24,14 +24,17 @@ SCHEMA_VERSION = 1
 UNRECORDED_REGIME = "unrecorded"
 
 
-def label_regime(soft_labels: bool, learned_lr: bool, teacher_temperature: float | None = None) -> str:
+def label_regime(soft_labels: bool, learned_lr: bool, teacher_temperature: float | None = None,
+                 label_kind: str = "soft labels") -> str:
     """The name of a label regime, as results record it: ``hard`` (one-hot labels, the protocol's
     lr); ``learned (soft labels, lr)`` / ``learned (soft labels)`` / ``learned (lr)`` for what the
     method learned and the set stores; ``teacher (T=...)`` (``teacher (T=..., learned lr)`` when the
-    set's lr is used too) when a teacher network relabelled the images at evaluation time."""
+    set's lr is used too) when a teacher network relabelled the images at evaluation time.
+    ``label_kind`` names what was learned in place of ``soft labels`` (``regression targets`` for a
+    set's learned targets under an ``mse`` protocol)."""
     if teacher_temperature is not None:
         return f"teacher (T={teacher_temperature:g}{', learned lr' if learned_lr else ''})"
-    learned = [name for name, used in (("soft labels", soft_labels), ("lr", learned_lr)) if used]
+    learned = [name for name, used in ((label_kind, soft_labels), ("lr", learned_lr)) if used]
     return f"learned ({', '.join(learned)})" if learned else "hard"
 
 

@@ -1,4 +1,4 @@
-"""THE network-training loop of tinyset: SGD on a (synthetic or real) set, several networks at once.
+"""THE network-training loop of tinyset: SGD (or Adam) on a (synthetic or real) set, several networks at once.
 
 Everything in tinyset that trains a network's weights on a fixed set of images goes through
 :func:`train_ensemble`: the evaluator (fresh networks on a synthetic set), the embedding
@@ -123,9 +123,26 @@ class TrainSettings:
     lr_decay_factor: float = 0.1  # 1.0: no decay at all
     precision: str = "fp32"  # fp32 | bf16 (autocast for the forward pass)
     compile: bool = False
+    #: a name of :data:`OPTIMIZERS`: sgd (momentum, weight decay) | adam (torch's Adam, betas (0.9,
+    #: 0.999), L2 weight decay; momentum unused)
+    optimizer: str = "sgd"
+    #: a name of :data:`LOSSES`: ce (cross-entropy on class indices or probability rows) | mse (half the
+    #: squared error summed over classes, against target rows ``[S, K]``)
+    loss: str = "ce"
+    #: step (the one-time decay above) | warmup_cosine (the lr rises linearly from 0 over
+    #: ``warmup_steps`` optimiser steps, then follows a cosine down to ``lr * final_lr_factor`` at the
+    #: last step; FRePo's evaluation schedule; the decay fields are then unused)
+    lr_schedule: str = "step"
+    warmup_steps: int = 0
+    final_lr_factor: float = 0.0
 
     def __post_init__(self) -> None:
         own = "TrainSettings"
+        for name, table in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in table:
+                raise ConfigError(f"{own} {name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
+        self.warmup_steps = check_number(own, "warmup_steps", self.warmup_steps, low=0, integer=True)
+        self.final_lr_factor = check_number(own, "final_lr_factor", self.final_lr_factor, low=0, high=1)
         self.epochs = check_number(own, "epochs", self.epochs, low=0, integer=True)
         self.lr = check_number(own, "lr", self.lr, low=0, low_open=True)
         self.momentum = check_number(own, "momentum", self.momentum, low=0, high=1, high_open=True)
@@ -141,8 +158,9 @@ class TrainSettings:
 
     @property
     def first_decayed_epoch(self) -> int | None:
-        """Index of the first epoch at the decayed lr, or None when the lr never changes."""
-        if self.lr_decay_factor == 1.0:
+        """Index of the first epoch at the decayed lr, or None when the lr never changes (or changes
+        every step: ``lr_schedule="warmup_cosine"``)."""
+        if self.lr_decay_factor == 1.0 or self.lr_schedule != "step":
             return None
         ep = self.decay_epoch if self.decay_epoch is not None else int(self.epochs * self.lr_decay_at)
         return ep if 0 < ep < self.epochs else None
@@ -267,6 +285,23 @@ def make_sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: f
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def make_adam(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam over all of ``model``'s parameters (torch's default betas; ``momentum`` is not used).
+    Adam's update is per parameter element, so the members of an ensemble stay independent."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def warmup_cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int, final_factor: float) -> float:
+    """The lr of optimiser step ``step`` (0-based) of ``total_steps``, FRePo's evaluation schedule
+    (optax's linear schedule joined to its cosine decay): ``base_lr * step / warmup_steps`` during
+    the warm-up (the first step at lr 0), then ``base_lr * (f + (1 - f) * (1 + cos(pi * t)) / 2)``
+    with ``t = (step - warmup_steps) / (total_steps - warmup_steps)`` and ``f = final_factor``."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return base_lr * (final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     """One optimiser step on ``loss``: clear the gradients, backpropagate, update."""
     optimizer.zero_grad(set_to_none=True)
@@ -279,12 +314,30 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, reduction="none")
 
 
+def per_sample_squared_error(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Half the squared error per row, summed over the classes, against target rows ``[N, K]``
+    (regression targets, e.g. centred one-hot rows or a method's learned targets)."""
+    if target.dim() != 2:
+        raise ConfigError(f"the mse loss needs target rows [N, K]; got labels of shape {tuple(target.shape)}")
+    return 0.5 * (logits - target).pow(2).sum(-1)
+
+
+#: optimiser name -> ``make(model, lr, momentum, weight_decay)``
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": make_sgd, "adam": make_adam}
+#: loss name -> per-sample loss ``(logits [N, K], targets) -> [N]``
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": per_sample_loss, "mse": per_sample_squared_error}
+#: lr schedules of :class:`TrainSettings` (what each does is in its docstring)
+LR_SCHEDULES = ("step", "warmup_cosine")
+
+
 def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,
                    generator: torch.Generator, augment: DSA | None = None,
                    on_epoch: EpochHook | None = None, on_step: StepHook | None = None,
                    on_batch: BatchHook | None = None, early_stop: EarlyStopping | None = None,
                    member_data: bool = False) -> TinyNet:
-    """Train every member of ``model`` on ``(images, labels)`` with SGD; returns the model.
+    """Train every member of ``model`` on ``(images, labels)``; returns the model. The optimiser
+    (SGD by default), the loss and the lr schedule are ``settings``' (:class:`TrainSettings`).
 
     ``member_data=True``: every member trains on its own set of ``S`` images, given member-major
     (``images [M*S, ...]``: member ``m`` owns rows ``m*S:(m+1)*S``; the same for ``labels``);
@@ -292,10 +345,11 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     indices are rows of ``images``).
 
     ``images`` are normalised float ``[S, C, H, W]``; ``labels`` are int64 class indices ``[S]`` or
-    soft labels ``[S, K]`` (probability rows). The model is put in train mode. Every epoch each
+    soft labels ``[S, K]`` (probability rows; with ``loss="mse"``, regression target rows ``[S, K]``,
+    whose argmax counts as the class for the training accuracy). The model is put in train mode. Every epoch each
     member draws a shuffle (``torch.argsort(torch.rand(M, S, generator=generator))``), then for every
     batch: gather, augment (``augment(x, generator, op_groups=member ids)``), forward, per-sample
-    cross-entropy, loss = the members' mean losses summed, :func:`sgd_step`. See the module
+    loss (cross-entropy by default), loss = the members' mean losses summed, :func:`sgd_step`. See the module
     docstring for the hooks. With ``early_stop`` (an :class:`EarlyStopping`), the members are
     validated after every ``early_stop.every`` epochs, the loop ends once every member has stopped,
     and every member ends with the weights of its best validation epoch; the stopper holds the
@@ -324,13 +378,17 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
     n_batches = -(-s // bs)
     model.train()
 
-    opt = make_sgd(model, settings.lr, settings.momentum, settings.weight_decay)
+    make_opt = OPTIMIZERS[settings.optimizer]
+    loss_fn = LOSSES[settings.loss]
+    opt = make_opt(model, settings.lr, settings.momentum, settings.weight_decay)
+    cosine = settings.lr_schedule == "warmup_cosine"
+    total_steps, step = settings.epochs * n_batches, 0
     if early_stop is not None:
         early_stop.start(model, settings)
     for ep in range(settings.epochs):
         if ep == decay_epoch:
             # a new optimiser at the decay, as the reference does (momentum restarts)
-            opt = make_sgd(model, settings.lr * settings.lr_decay_factor, settings.momentum,
+            opt = make_opt(model, settings.lr * settings.lr_decay_factor, settings.momentum,
                            settings.weight_decay)
         perms = torch.argsort(torch.rand(m, s, generator=generator), dim=1)
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
@@ -349,9 +407,14 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
             with autocast(device, settings.precision):
                 out = forward(x)
             out = out.float().reshape(b, m, -1).transpose(0, 1).reshape(m * b, -1)  # member-major
-            losses = per_sample_loss(out, y)
+            losses = loss_fn(out, y)
             loss = losses.mean() * m
+            if cosine:
+                lr = warmup_cosine_lr(settings.lr, step, total_steps, settings.warmup_steps, settings.final_lr_factor)
+                for group in opt.param_groups:
+                    group["lr"] = lr
             sgd_step(opt, loss)
+            step += 1
             with torch.no_grad():
                 value = float(loss) / m
                 if not math.isfinite(value):

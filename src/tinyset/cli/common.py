@@ -158,10 +158,24 @@ def print_evaluation(res: Any, title: str) -> None:
 
     p = res.protocol
     print(format_table(res.results, title=title))
-    print(f"protocol {p['name']}: {p['epochs']} epochs ({p['schedule']} schedule: {p['train_epochs']} passes, "
-          f"lr x{p['lr_decay_factor']} from pass {p['decay_epoch'] + 1}), lr {p['lr_used']}, batch {p['batch_size']}, "
+    print(f"protocol {p['name']}: {p['epochs']} epochs ({schedule_text(p)}), lr {p['lr_used']}, batch {p['batch_size']}, "
           f"augment {p['augment_strategy']}, {p['num_models']} models per architecture, "
           f"precision {p['precision_used']}; {timing_lines(res)}")
+
+
+def schedule_text(p: dict) -> str:
+    """How a recorded protocol trained: its passes and lr schedule, and its optimiser and loss when
+    they are not SGD with cross-entropy (results written before those fields existed are SGD/ce)."""
+    if p.get("lr_schedule", "step") == "warmup_cosine":
+        text = (f"{p['train_epochs']} passes, lr warm-up over {p['warmup_steps']} steps then a cosine to "
+                f"x{p['final_lr_factor']:g}")
+    elif p["lr_decay_factor"] == 1.0:
+        text = f"{p['schedule']} schedule: {p['train_epochs']} passes, constant lr"
+    else:
+        text = (f"{p['schedule']} schedule: {p['train_epochs']} passes, lr x{p['lr_decay_factor']} from pass "
+                f"{p['decay_epoch'] + 1}")
+    extra = [f"{key} {p[key]}" for key, usual in (("optimizer", "sgd"), ("loss", "ce")) if p.get(key, usual) != usual]
+    return ", ".join([text, *extra])
 
 
 def timing_lines(res: Any) -> str:

@@ -26,16 +26,19 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                         "dsa-early (dsa with early stopping on a validation split of the training data), dc (the DC paper's "
                         "evaluation of DC-made sets: 1000 epochs with its crop/scale/rotate/noise augmentation); krr / "
                         "krr-random: kernel ridge regression on the set with features of networks trained briefly on "
-                        "it / freshly initialised (no SGD classifier; results never mixed with the others)")
+                        "it / freshly initialised (no SGD classifier; results never mixed with the others); frepo: FRePo's evaluation "
+                        "(Adam 3e-4 with warm-up and cosine, squared error on the set's learned regression targets or "
+                        "centred one-hot rows, 1000-5000 steps by set size; use --models convnet-nn; never in one "
+                        "table with the dsa protocols)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)
     p.add_argument("--lr", type=number(float, low=0, low_open=True), default=None,
-                   help="learning rate (default: protocol's, 0.01)")
-    p.add_argument("--batch-size", type=number(int, low=1), default=None, help="training batch size (default: 256)")
+                   help="learning rate (default: the protocol's: 0.01, 3e-4 for frepo)")
+    p.add_argument("--batch-size", type=number(int, low=1), default=None, help="training batch size (default: the protocol's, 256; 500 for frepo)")
     p.add_argument("--momentum", type=number(float, low=0, high=1, high_open=True), default=None,
-                   help="SGD momentum (default: 0.9)")
-    p.add_argument("--weight-decay", type=number(float, low=0), default=None, help="SGD weight decay (default: 5e-4)")
+                   help="SGD momentum (default: 0.9; unused by Adam protocols such as frepo)")
+    p.add_argument("--weight-decay", type=number(float, low=0), default=None, help="weight decay (default: the protocol's, 5e-4; 0 for frepo)")
     p.add_argument("--augment", choices=("dsa", "dc", "none"), default=None,
                    help="train-time augmentation: dsa (DSA), dc (the DC paper's crop/scale/rotate/noise, one op per "
                         "image), none (default: the protocol's)")

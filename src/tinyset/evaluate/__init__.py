@@ -19,11 +19,13 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tinyset.augment import AUGMENTATIONS
 from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
+from tinyset.evaluate.krr import TARGETS_EXTRA, set_targets
 from tinyset.evaluate.protocol import Protocol, early_stopper, hold_out_validation, stop_record, validation_for_set
 from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
 from tinyset.evaluate.teacher import Teacher, parse_teacher
@@ -51,7 +53,9 @@ def settings_for(protocol: Protocol, num_images: int, device: torch.device, lr: 
     return TrainSettings(epochs=protocol.train_epochs, decay_epoch=protocol.decay_epoch, lr=lr,
                          momentum=protocol.momentum, weight_decay=protocol.weight_decay,
                          batch_size=protocol.batch_size, lr_decay_factor=protocol.lr_decay_factor,
-                         precision=resolve_precision(protocol.precision, device), compile=compile_)
+                         precision=resolve_precision(protocol.precision, device), compile=compile_,
+                         optimizer=protocol.optimizer, loss=protocol.loss, lr_schedule=protocol.lr_schedule,
+                         warmup_steps=protocol.warmup_steps, final_lr_factor=protocol.final_lr_factor)
 
 
 def make_augment(protocol: Protocol, dataset: str, model: str | None = None,
@@ -145,7 +149,7 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
     their best validation epoch; the rows record stop and best epochs. Every row records the
     ensemble's training time (validation passes included) and its test-pass time apart.
     """
-    protocol = protocol or Protocol.preset("dsa")
+    protocol = (protocol or Protocol.preset("dsa")).for_set_size(images.shape[0])
     names = check_models(models, info)
     device = torch.device(device)
     lr = protocol.lr if protocol.lr is not None else learned_lr
@@ -155,6 +159,8 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
         raise ConfigError(f"the set's learned lr must be a finite number > 0, got {lr!r}")
     if regime is None:
         regime = label_regime(labels.dim() == 2, protocol.lr is None)
+    if protocol.loss == "mse" and labels.dim() == 1:
+        labels = regression_targets(labels, info.num_classes)
     if test.info.channels != info.channels or tuple(test.info.image_size) != tuple(info.image_size):
         raise ConfigError(f"test set {test.info.name} has images {test.info.channels}x"
                           f"{test.info.image_size} but the set has {info.channels}x{info.image_size}")
@@ -218,6 +224,13 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
                             device=str(device), results=rows, label_regime=regime)
 
 
+def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The regression targets of a protocol with the ``mse`` loss for stored labels: centred rows,
+    ``onehot(y) - 1/K`` for class indices and ``p - 1/K`` for probability rows (FRePo's targets)."""
+    rows = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
+    return rows - 1.0 / num_classes
+
+
 def teacher_labels(synset: Any, teacher: Teacher, device: str | torch.device) -> torch.Tensor:
     """The ``teacher`` regime's labels of a set: every image relabelled once with the teacher's
     softmax (after checking that the teacher fits the set's dataset)."""
@@ -233,7 +246,8 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
     """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``.
 
     As :func:`evaluate_tensors`: trains on the set's stored labels (soft cross-entropy for soft
-    ones) and, when the protocol's lr is null, its learned lr; the test images get the set's ZCA
+    ones; under a protocol with the ``mse`` loss, the set's learned regression targets when it
+    stores them, else its labels as centred rows) and, when the protocol's lr is null, its learned lr; the test images get the set's ZCA
     transform when it carries one. With ``teacher`` (:class:`~tinyset.evaluate.teacher.Teacher`)
     the labels are the teacher's instead (recorded as ``protocol["teacher"]``). The result's
     ``set`` says what was evaluated (method, ipc, number of images, the set's metadata) and
@@ -244,6 +258,11 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
     """
     val, val_desc = validation_for_set(synset, train, protocol or Protocol.preset("dsa"), seed)
     labels, regime = synset.labels, None
+    if teacher is None and (protocol or Protocol.preset("dsa")).loss == "mse" and \
+            TARGETS_EXTRA in (getattr(synset, "extras", None) or {}):
+        # a set with learned regression targets (``--method krr``) regresses on them, not on its labels
+        labels = set_targets(synset)[0]
+        regime = label_regime(True, protocol.lr is None, label_kind="regression targets")
     if teacher is not None:
         check_models(models, synset.info)  # names first: relabelling is wasted on a typo
         labels = teacher_labels(synset, teacher, device)

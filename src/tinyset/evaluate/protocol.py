@@ -60,6 +60,18 @@ class Protocol:
     #: with early stopping: images per class held out of the real *training* split as the validation
     #: split (seeded by the evaluation seed, :func:`hold_out_validation`); never the test split
     val_per_class: int = 100
+    #: the training loop's optimiser, loss and lr schedule (:class:`tinyset.training.TrainSettings`):
+    #: sgd / ce / step in every DC-family protocol; the ``frepo`` protocol trains with adam / mse /
+    #: warmup_cosine (warm-up steps, then a cosine to ``lr * final_lr_factor``)
+    optimizer: str = "sgd"
+    loss: str = "ce"
+    lr_schedule: str = "step"
+    warmup_steps: int = 0
+    final_lr_factor: float = 0.0
+    #: optimiser steps by the number of images of the set (keys are image counts as strings, as in
+    #: JSON): a set whose size is listed trains for that many steps (rounded up to whole epochs)
+    #: instead of ``epochs``; None: always ``epochs``
+    steps_by_images: dict[str, int] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +101,25 @@ class Protocol:
             raise ConfigError(f"protocol schedule must be 'fraction' or 'reference', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"protocol precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        from tinyset.training import LOSSES, LR_SCHEDULES, OPTIMIZERS
+
+        for name, table in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in table:
+                raise ConfigError(f"protocol {name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "warmup_steps", check_number(own, "warmup_steps", self.warmup_steps, low=0,
+                                                              integer=True))
+        object.__setattr__(self, "final_lr_factor", check_number(own, "final_lr_factor", self.final_lr_factor,
+                                                                 low=0, high=1))
+        if self.steps_by_images is not None:
+            if not isinstance(self.steps_by_images, dict):
+                raise ConfigError(f"protocol steps_by_images must be a mapping of image counts to step counts, "
+                                  f"got {self.steps_by_images!r}")
+            table = {}
+            for key, steps in self.steps_by_images.items():
+                images = check_number(own, "steps_by_images key", int(key) if str(key).isdigit() else key,
+                                      low=1, integer=True)
+                table[str(images)] = check_number(own, f"steps_by_images[{key!r}]", steps, low=1, integer=True)
+            object.__setattr__(self, "steps_by_images", table)
         if self.compile not in (None, True, False):
             raise ConfigError(f"protocol compile must be true, false or null (automatic), got {self.compile!r}")
 
@@ -108,6 +139,16 @@ class Protocol:
         if self.schedule == "reference":
             return self.epochs // 2 + 2
         return int(self.epochs * self.lr_decay_at)
+
+    def for_set_size(self, num_images: int) -> "Protocol":
+        """This protocol for a set of ``num_images`` images: with ``steps_by_images`` listing that
+        count (and ``epochs`` not set explicitly), ``epochs`` becomes the listed steps over the steps
+        per epoch, rounded up (the result records it); otherwise the protocol itself."""
+        steps = (self.steps_by_images or {}).get(str(int(num_images)))
+        if steps is None or "epochs" in self.overrides:  # an explicit --epochs wins
+            return self
+        epochs = -(-steps // -(-int(num_images) // self.batch_size))
+        return self if epochs == self.epochs else replace(self, epochs=epochs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -19,13 +19,12 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tinyset.augment import AUGMENTATIONS
 from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
-from tinyset.evaluate.krr import TARGETS_EXTRA, set_targets
+from tinyset.evaluate.krr import TARGETS_EXTRA, regression_targets, set_targets
 from tinyset.evaluate.protocol import Protocol, early_stopper, hold_out_validation, stop_record, validation_for_set
 from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
 from tinyset.evaluate.teacher import Teacher, parse_teacher
@@ -224,13 +223,6 @@ def evaluate_tensors(images: torch.Tensor, labels: torch.Tensor, info: DatasetIn
                             device=str(device), results=rows, label_regime=regime)
 
 
-def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The regression targets of a protocol with the ``mse`` loss for stored labels: centred rows,
-    ``onehot(y) - 1/K`` for class indices and ``p - 1/K`` for probability rows (FRePo's targets)."""
-    rows = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
-    return rows - 1.0 / num_classes
-
-
 def teacher_labels(synset: Any, teacher: Teacher, device: str | torch.device) -> torch.Tensor:
     """The ``teacher`` regime's labels of a set: every image relabelled once with the teacher's
     softmax (after checking that the teacher fits the set's dataset)."""
@@ -256,17 +248,17 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
     images, :func:`~tinyset.evaluate.protocol.validation_for_set`) and recorded as
     ``protocol["validation"]``.
     """
-    val, val_desc = validation_for_set(synset, train, protocol or Protocol.preset("dsa"), seed)
+    protocol = protocol or Protocol.preset("dsa")
+    val, val_desc = validation_for_set(synset, train, protocol, seed)
     labels, regime = synset.labels, None
-    if teacher is None and (protocol or Protocol.preset("dsa")).loss == "mse" and \
-            TARGETS_EXTRA in (getattr(synset, "extras", None) or {}):
+    if teacher is None and protocol.loss == "mse" and TARGETS_EXTRA in (getattr(synset, "extras", None) or {}):
         # a set with learned regression targets (``--method krr``) regresses on them, not on its labels
         labels = set_targets(synset)[0]
         regime = label_regime(True, protocol.lr is None, label_kind="regression targets")
     if teacher is not None:
         check_models(models, synset.info)  # names first: relabelling is wasted on a typo
         labels = teacher_labels(synset, teacher, device)
-        regime = label_regime(True, (protocol or Protocol.preset("dsa")).lr is None, teacher.temperature)
+        regime = label_regime(True, protocol.lr is None, teacher.temperature)
     res = evaluate_tensors(synset.images, labels, synset.info, test, models, protocol, seed,
                            device, learned_lr=synset.lr, progress=progress, step_progress=step_progress,
                            test_progress=test_progress, zca=synset.zca, regime=regime, val=val)
@@ -305,4 +297,4 @@ def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str]
 
 __all__ = ["Protocol", "evaluate_synset", "evaluate_tensors", "evaluate_full", "format_table", "check_models",
            "settings_for", "make_augment", "train_ensemble", "test_accuracy", "TrainSettings", "label_regime",
-           "test_images", "teacher_labels", "Teacher", "parse_teacher", "comparison_table", "check_same_regime"]
+           "test_images", "teacher_labels", "regression_targets", "Teacher", "parse_teacher", "comparison_table", "check_same_regime"]

@@ -119,9 +119,15 @@ def set_targets(synset: Any) -> tuple[torch.Tensor, str]:
             raise ConfigError(f"the set's extra tensor {TARGETS_EXTRA!r} has shape {tuple(learned.shape)}; "
                               f"expected [{len(synset)}, {k}] (one target row per image)")
         return learned.float(), "krr (learned targets)"
-    if synset.labels.dim() == 1:
-        return F.one_hot(synset.labels, k).float() - 1.0 / k, "krr (one-hot targets)"
-    return synset.labels.float() - 1.0 / k, "krr (soft-label targets)"
+    kind = "one-hot" if synset.labels.dim() == 1 else "soft-label"
+    return regression_targets(synset.labels, k), f"krr ({kind} targets)"
+
+
+def regression_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Stored labels as regression targets (FRePo's): centred rows, ``onehot(y) - 1/K`` for class
+    indices and ``p - 1/K`` for probability rows; float32 ``[N, K]``."""
+    rows = labels.float() if labels.dim() == 2 else F.one_hot(labels, num_classes).float()
+    return rows - 1.0 / num_classes
 
 
 def _features(net: torch.nn.Module, x: torch.Tensor, precision: str, chunk: int) -> torch.Tensor:

@@ -499,3 +499,45 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+@functools.cache
+def _vector_bits() -> int | None:
+    """Width in bits of the vector ISA inductor generates CPU code for here (it follows
+    ``ATEN_CPU_CAPABILITY`` when that is set), or None where it cannot be told."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        isa = cpu_vec_isa.pick_vec_isa()
+    except Exception:  # a torch without this module, or no compiler: nothing to pin
+        return None
+    bits = isa.bit_width() if isa else 0
+    return bits or None
+
+
+def compile_options() -> dict[str, Any] | None:
+    """Inductor options for every ``torch.compile`` call of tinyset: the vector width of the CPU code.
+
+    Why: torch 2.13's compiled-graph cache does not tell apart graphs generated for different vector
+    ISAs on the same CPU. Generate a graph under ``ATEN_CPU_CAPABILITY=avx2`` (8-float loops), run the
+    same graph later without it, and the cached loops are rebuilt with AVX512 flags (16-float
+    vectors): every vector store then writes 8 floats past its buffer. Observed on an AMX Xeon as
+    ``free(): invalid pointer`` in an fp32 DM run after an AVX2-kernel benchmark; the other way round
+    the loops leave half of every buffer unwritten (NaN outputs, 15x slower). Naming the width
+    (``cpp.simdlen``, which selects the same ISA inductor would pick) puts it in the cache key, so each
+    ISA gets its own entries. The generated code is unchanged.
+    """
+    bits = _vector_bits()
+    return {"cpp.simdlen": bits} if bits else None
+
+
+def compile_function(fn, **kwargs: Any):
+    """``torch.compile(fn, dynamic=False, options=compile_options(), **kwargs)``: the one way tinyset
+    compiles (see :func:`compile_options` for the one option it sets)."""
+    kwargs.setdefault("dynamic", False)
+    options = compile_options()
+    if options and kwargs.get("backend", "inductor") == "inductor":
+        kwargs["options"] = {**options, **kwargs.get("options", {})}
+    return torch.compile(fn, **kwargs)

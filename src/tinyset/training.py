@@ -54,7 +54,7 @@ from tinyset.augment import DSA
 from tinyset.errors import ConfigError, NumericalError
 from tinyset.hparams import describe_range
 from tinyset.models.base import TinyNet
-from tinyset.runtime import autocast
+from tinyset.runtime import autocast, compile_function
 
 #: ``on_epoch(epoch, mean_loss, train_acc)``
 EpochHook = Callable[[int, float, float], None]
@@ -228,7 +228,7 @@ class CompiledForward:
         fn = types.FunctionType(code, _call_model.__globals__, tag)
         try:
             with quiet_compiler():
-                self._fn = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+                self._fn = compile_function(fn, backend=COMPILE_BACKEND)
         except Exception as exc:  # platform without a working compiler
             self._fail(exc)
 

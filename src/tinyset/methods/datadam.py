@@ -36,7 +36,7 @@ from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
 from tinyset.models import MODELS, ConvNet
 from tinyset.models.layers import init_parameters
 from tinyset.rng import derive_seed, make_generator
-from tinyset.runtime import autocast
+from tinyset.runtime import autocast, compile_function
 
 #: compile the feature function when a run has at least this many iterations (CPU, ``compile=auto``)
 COMPILE_MIN_ITERATIONS = 200
@@ -142,7 +142,7 @@ class DataDAM(Distiller):
         self.blocks = tuple(range(depth if self.cfg.attn_layers == "all" else depth - 1))
         self.features = self.feature_function()
         if self.wants_compile():
-            self.features = torch.compile(self.features, dynamic=False)
+            self.features = compile_function(self.features)
         super().setup(gen)
 
     def feature_function(self) -> Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]:

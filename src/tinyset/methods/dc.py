@@ -65,7 +65,7 @@ from tinyset.methods.base import INIT_HELP, DistillConfig, Distiller, Row, Rule,
 from tinyset.models import TinyNet, create_model
 from tinyset.models.layers import Conv2d, Linear, init_parameters
 from tinyset.rng import derive_seed, make_generator
-from tinyset.runtime import autocast
+from tinyset.runtime import autocast, compile_function
 from tinyset.training import CompiledForward, TrainSettings, compile_status, train_ensemble
 
 #: the published (outer_loop, inner_loop) per ipc (reference ``get_loops``)
@@ -362,7 +362,7 @@ class GradientMatching(Distiller):
                 return class_distance(distance, [g[n].float().unsqueeze(0) for n in names],
                                       [t.unsqueeze(0) for t in g_real])
 
-            self._syn_fn = (names, torch.compile(torch.func.grad_and_value(distance_to_real)))
+            self._syn_fn = (names, compile_function(torch.func.grad_and_value(distance_to_real), dynamic=None))
         return self._syn_fn[1]
 
     # ------------------------------------------------------------------ per-class gradients

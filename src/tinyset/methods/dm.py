@@ -21,7 +21,7 @@ from tinyset.methods import METHODS
 from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
 from tinyset.models.layers import init_parameters
 from tinyset.rng import derive_seed, make_generator
-from tinyset.runtime import autocast
+from tinyset.runtime import autocast, compile_function
 
 #: compile the embedding network when a run has at least this many iterations (CPU, ``compile=auto``)
 COMPILE_MIN_ITERATIONS = 200
@@ -58,7 +58,7 @@ class DistributionMatching(Distiller):
         self.embed = self.net.embed
         self.per_image = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.net.modules())
         if self.wants_compile():
-            self.embed = torch.compile(self.net.embed, dynamic=False)
+            self.embed = compile_function(self.net.embed)
         super().setup(gen)
 
     def wants_compile(self) -> bool:

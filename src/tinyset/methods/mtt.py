@@ -76,7 +76,7 @@ from tinyset.augment.dsa import AugParams
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillConfig, Distiller, Row, Rule, Table, hp
-from tinyset.runtime import autocast
+from tinyset.runtime import autocast, compile_function
 
 _REF = "GeorgeCazenavette/mtt-distillation distill.py defaults (Cazenavette et al., CVPR 2022)"
 #: how :func:`unroll_loss` differentiates the unrolled student (see there)
@@ -186,8 +186,8 @@ class Student:
         self.precision = precision
         self.compiled = bool(compile)
         self._grad_fn = torch.func.grad(self.loss)
-        self.grad = torch.compile(self._grad_fn, dynamic=False) if compile else self._grad_fn
-        self.vjp = torch.compile(self._vjp, dynamic=False) if compile else self._vjp
+        self.grad = compile_function(self._grad_fn) if compile else self._grad_fn
+        self.vjp = compile_function(self._vjp) if compile else self._vjp
 
     def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """``theta`` split into views named and shaped like the network's parameters, plus fresh copies

@@ -41,7 +41,8 @@ from tinyset.methods import METHODS  # noqa: E402
 from tinyset.methods.base import DistillContext  # noqa: E402
 from tinyset.methods.loop import resolve_config  # noqa: E402
 from tinyset.rng import make_generator  # noqa: E402
-from tinyset.runtime import describe_machine, resolve_precision, resolve_runtime  # noqa: E402
+from tinyset.models.layers import mixes_images  # noqa: E402
+from tinyset.runtime import describe_machine, forward_chunk, resolve_precision, resolve_runtime  # noqa: E402
 
 #: upstream's default --dsa_strategy (for every dataset, MNIST included)
 UPSTREAM_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -104,6 +105,12 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
+def real_chunks(impl) -> str:
+    """How the method's real batch goes through its network (Distiller.forward_real)."""
+    n = forward_chunk(impl.device)
+    return "real images in one pass" if n is None or mixes_images(impl.net) else f"real images {n} per pass"
+
+
 class Bench:
     def __init__(self, args, train, up, up_dam):
         self.args, self.train, self.up, self.up_dam = args, train, up, up_dam
@@ -150,7 +157,7 @@ class Bench:
                                        reference_dm_iteration(x_r, opt_r, self.pool, ipc, a.batch_real, self.aug,
                                                               g_r, next(seeds)))
         _, impl, step = self.tinyset("dm", {"batch_real": a.batch_real}, self.aug)
-        contenders["tinyset"] = (f"{self.prec}, all classes in one forward", step)
+        contenders["tinyset"] = (f"{self.prec}, all classes in one forward, {real_chunks(impl)}", step)
         return report("DM", contenders, race("DM", contenders, a.reps), "iteration", self.threads, self.prec,
                       {"batch_real": a.batch_real})
 
@@ -174,7 +181,8 @@ class Bench:
                                        "fp32", lambda: reference_datadam_iteration(
                                            x_r, opt_r, self.pool, ipc, b, self.aug, g_r, next(seeds), **kw))
         compiled = "compiled" if impl.wants_compile() else "eager"
-        contenders["tinyset"] = (f"{self.prec}, {compiled}, {cfg.model}, all classes in one forward", step)
+        contenders["tinyset"] = (f"{self.prec}, {compiled}, {cfg.model}, all classes in one forward, {real_chunks(impl)}",
+                                  step)
         return report("DataDAM", contenders, race("DataDAM", contenders, a.reps), "iteration", self.threads,
                       self.prec, {"batch_real": b, "power": cfg.power, "model": cfg.model})
 

@@ -200,28 +200,6 @@ def test_distillation_beats_its_initialisation_on_real_digits(tmp_path, method):
     assert torch.equal(tensors["tensor.images"], init.images)
 
 
-@pytest.mark.parametrize("model, per_image", [("convnet-d2", True), ("convnet-bn", False)])
-def test_dm_real_forward_class_by_class_only_without_batchnorm(model, per_image):
-    """DM embeds the real batch class by class (faster on a CPU) only when no layer mixes images:
-    the step is then the same function as one forward of all classes; BatchNorm keeps one forward."""
-    from tinyset.augment import DSA
-    from tinyset.data import RealPool
-    from tinyset.methods.base import DistillContext
-
-    data = tiny_dataset()
-    cfg = resolve_config("dm", "digits", 2, "cpu", flags={**FAST, "model": model, "compile": "off"}).values
-    steps = []
-    for chunked in (True, False):
-        dm = METHODS.get("dm")(cfg, DistillContext(data.info, RealPool(data), 2, torch.device("cpu"), "fp32",
-                                                   DSA("color_crop_cutout_scale_rotate")))
-        dm.setup(make_generator(3))
-        assert dm.per_image is per_image
-        dm.per_image = dm.per_image and chunked
-        steps.append((dm.step(make_generator(4)), dm.images.detach().clone()))
-    assert steps[0][0] == pytest.approx(steps[1][0], rel=1e-5)
-    torch.testing.assert_close(steps[0][1], steps[1][1], rtol=1e-5, atol=1e-6)
-
-
 def test_trajectory_matching_runs_fp32_under_auto_precision():
     """MTT and PAD take fp32 under --precision auto even where the runtime would pick bf16 (bf16 was
     measured to derail the MNIST cpu preset); an explicit precision wins, and other methods keep

@@ -54,7 +54,7 @@ from tinyset.augment import DSA
 from tinyset.errors import ConfigError, NumericalError
 from tinyset.hparams import describe_range
 from tinyset.models.base import TinyNet
-from tinyset.runtime import autocast, compile_function
+from tinyset.runtime import autocast, compile_function, forward_chunk
 
 #: ``on_epoch(epoch, mean_loss, train_acc)``
 EpochHook = Callable[[int, float, float], None]
@@ -438,25 +438,31 @@ def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, s
 
 @torch.no_grad()
 def test_accuracy(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32",
-                  batch_size: int = 1000, compile: bool = False,
+                  batch_size: int | None = None, compile: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> list[float]:
     """Accuracy of every member on ``(images, labels)`` (normalised float images, int labels).
 
-    Runs in eval mode without gradients, ``batch_size`` images at a time, and leaves the model in
-    train mode. ``progress(batches_done, batches_total)`` is called after every batch.
+    Runs in eval mode without gradients, ``batch_size`` images at a time (None: the device's choice,
+    :func:`tinyset.runtime.forward_chunk` on a CPU, 1000 elsewhere), and leaves the model in train
+    mode. A compiled forward gets the last batch padded to full size (eval mode treats images
+    independently), so it is not compiled a second time for a smaller one.
+    ``progress(batches_done, batches_total)`` is called after every batch.
     """
     model.eval()
     m = model.members
     n = images.shape[0]
+    if batch_size is None:
+        batch_size = forward_chunk(images.device, m) or 1000
     forward = model_forward(model, "test", compile)
     correct = torch.zeros(m, dtype=torch.long)
     total = -(-n // batch_size)
     for k, b0 in enumerate(range(0, n, batch_size)):
         x = images[b0:b0 + batch_size]
         y = labels[b0:b0 + batch_size]
+        short = batch_size - x.shape[0] if compile and n > batch_size else 0
         with autocast(images.device, precision):
-            out = forward(x)
-        out = out.reshape(x.shape[0], m, -1)
+            out = forward(torch.cat([x, x.new_zeros(short, *x.shape[1:])]) if short else x)
+        out = out[:x.shape[0]].reshape(x.shape[0], m, -1)
         correct += (out.argmax(-1) == y.view(-1, 1)).sum(0).cpu()
         if progress is not None:
             progress(k + 1, total)
@@ -527,11 +533,12 @@ class EarlyStopping:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, patience: int, every: int = 1,
-                 batch_size: int = 1000):
+                 batch_size: int | None = None):
         own = "early stopping"
         self.patience = check_number(own, "patience", patience, low=1, integer=True)
         self.every = check_number(own, "every", every, low=1, integer=True)
-        self.batch_size = check_number(own, "batch_size", batch_size, low=1, integer=True)
+        self.batch_size = None if batch_size is None else check_number(own, "batch_size", batch_size, low=1,
+                                                                       integer=True)
         if images.dim() != 4 or images.shape[0] == 0 or labels.shape != (images.shape[0],):
             raise ConfigError(f"early stopping needs a non-empty validation split: images [N, C, H, W] and "
                               f"labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")

@@ -230,6 +230,19 @@ class Distiller:
         net.train()
         return net
 
+    def forward_real(self, fn: Callable[[torch.Tensor], Any], x: torch.Tensor, net: nn.Module) -> Any:
+        """``fn(x)`` for a large batch without autograd, computed a chunk of images at a time where that
+        is the same function and faster (:func:`tinyset.runtime.forward_chunk`: on a CPU, for networks
+        without BatchNorm). ``fn`` returns a tensor or a (nested) tuple/list of tensors with the
+        images along dimension 0; the chunks' outputs are concatenated."""
+        from tinyset.models.layers import mixes_images
+        from tinyset.runtime import forward_chunk
+
+        n = forward_chunk(self.device)
+        if n is None or len(x) <= n or mixes_images(net):
+            return fn(x)
+        return _concat([fn(chunk) for chunk in x.split(n)])
+
     def compile_wanted(self, auto: bool) -> bool:
         """The ``compile`` setting (auto/on/off) resolved, ``auto`` being the method's own rule."""
         mode = getattr(self.cfg, "compile", "off")
@@ -259,6 +272,14 @@ class Distiller:
 
 
 # ---------------------------------------------------------------------------------- initialisation sources
+def _concat(outs: list[Any]) -> Any:
+    """Concatenate per-chunk outputs (tensors, or equally shaped nested tuples/lists of them)."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs)
+    return type(first)(_concat([o[i] for o in outs]) for i in range(len(first)))
+
+
 @dataclass(frozen=True)
 class InitSource:
     """One way to make a run's initial synthetic images, registered in :data:`INITS`.

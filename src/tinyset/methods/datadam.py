@@ -170,7 +170,7 @@ class DataDAM(Distiller):
         """``loss_scale * (L_SAM + task_balance * L_MMD)`` summed over classes (module docstring)."""
         k = self.info.num_classes
         with torch.no_grad(), autocast(self.device, self.precision):
-            maps_real, emb_real = self.features(real)
+            maps_real, emb_real = self.forward_real(self.features, real, self.net)
             means_real = [class_means(a, k) for a in maps_real]
             emb_real = class_means(emb_real, k)
         with autocast(self.device, self.precision):

@@ -267,6 +267,12 @@ def make_pool(kind: str) -> nn.Module:
     raise ConfigError(f"unknown pooling {kind!r}; expected avgpooling, maxpooling or none")
 
 
+def mixes_images(model: nn.Module) -> bool:
+    """Whether the network's output for one image depends on the other images of its batch (BatchNorm
+    in train mode normalises with batch statistics); otherwise a batch may be split at will."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def init_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """(Re)initialise every parameter from ``generator`` with PyTorch's default distributions.
 

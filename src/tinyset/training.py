@@ -138,11 +138,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         own = "TrainSettings"
-        for name, table in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("lr_schedule", LR_SCHEDULES)):
-            if getattr(self, name) not in table:
-                raise ConfigError(f"{own} {name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
-        self.warmup_steps = check_number(own, "warmup_steps", self.warmup_steps, low=0, integer=True)
-        self.final_lr_factor = check_number(own, "final_lr_factor", self.final_lr_factor, low=0, high=1)
+        self.warmup_steps, self.final_lr_factor = check_loop_choices(own, self)
         self.epochs = check_number(own, "epochs", self.epochs, low=0, integer=True)
         self.lr = check_number(own, "lr", self.lr, low=0, low_open=True)
         self.momentum = check_number(own, "momentum", self.momentum, low=0, high=1, high_open=True)
@@ -329,6 +325,17 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": per_sample_loss, "mse": per_sample_squared_error}
 #: lr schedules of :class:`TrainSettings` (what each does is in its docstring)
 LR_SCHEDULES = ("step", "warmup_cosine")
+
+
+def check_loop_choices(own: str, obj: Any) -> tuple[int, float]:
+    """Check ``obj``'s ``optimizer``, ``loss`` and ``lr_schedule`` names (a :class:`TrainSettings` or an
+    evaluation protocol) against :data:`OPTIMIZERS`, :data:`LOSSES` and :data:`LR_SCHEDULES`; returns its
+    checked ``(warmup_steps, final_lr_factor)``. ``own`` names the owner in the error."""
+    for name, table in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("lr_schedule", LR_SCHEDULES)):
+        if getattr(obj, name) not in table:
+            raise ConfigError(f"{own} {name} must be one of {', '.join(table)}, got {getattr(obj, name)!r}")
+    return (check_number(own, "warmup_steps", obj.warmup_steps, low=0, integer=True),
+            check_number(own, "final_lr_factor", obj.final_lr_factor, low=0, high=1))
 
 
 def train_ensemble(model: TinyNet, images: torch.Tensor, labels: torch.Tensor, settings: TrainSettings,

@@ -29,6 +29,7 @@ from tinyset.evaluate.protocol import Protocol, early_stopper, hold_out_validati
 from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
 from tinyset.evaluate.teacher import Teacher, parse_teacher
 from tinyset.models import MODELS, create_model
+from tinyset.models.layers import mixes_images
 from tinyset.results import EvaluationResult, ModelScore, label_regime, mean_std
 from tinyset.rng import derive_seed, make_generator
 from tinyset.runtime import resolve_precision
@@ -70,7 +71,7 @@ def make_augment(protocol: Protocol, dataset: str, model: str | None = None,
             return False
         net = create_model(model, info.channels, info.num_classes, info.image_size, members=1,
                            generator=make_generator(0))
-        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        return mixes_images(net)
 
     return AUGMENTATIONS.get(protocol.augment)(protocol, dataset, has_batchnorm)
 

@@ -18,7 +18,7 @@ from tinyset.data.base import ImageDataset, split_validation
 from tinyset.errors import ConfigError
 from tinyset.registry import Registry
 from tinyset.rng import make_generator
-from tinyset.training import EarlyStopping, check_number
+from tinyset.training import EarlyStopping, check_loop_choices, check_number
 
 #: evaluation protocols that do not train networks by SGD (not :class:`Protocol` presets): name ->
 #: ``run(synset, test, models, seed, device, precision, num_models) -> EvaluationResult``; each
@@ -101,15 +101,9 @@ class Protocol:
             raise ConfigError(f"protocol schedule must be 'fraction' or 'reference', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"protocol precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
-        from tinyset.training import LOSSES, LR_SCHEDULES, OPTIMIZERS
-
-        for name, table in (("optimizer", OPTIMIZERS), ("loss", LOSSES), ("lr_schedule", LR_SCHEDULES)):
-            if getattr(self, name) not in table:
-                raise ConfigError(f"protocol {name} must be one of {', '.join(table)}, got {getattr(self, name)!r}")
-        object.__setattr__(self, "warmup_steps", check_number(own, "warmup_steps", self.warmup_steps, low=0,
-                                                              integer=True))
-        object.__setattr__(self, "final_lr_factor", check_number(own, "final_lr_factor", self.final_lr_factor,
-                                                                 low=0, high=1))
+        warmup, final = check_loop_choices(own, self)
+        object.__setattr__(self, "warmup_steps", warmup)
+        object.__setattr__(self, "final_lr_factor", final)
         if self.steps_by_images is not None:
             if not isinstance(self.steps_by_images, dict):
                 raise ConfigError(f"protocol steps_by_images must be a mapping of image counts to step counts, "

@@ -36,6 +36,7 @@ from tinyset.data.zca import Zca
 from tinyset.errors import ArtifactError, ConfigError, NumericalError
 from tinyset.hparams import HParams, Row, Rule, Table, hp
 from tinyset.registry import Registry
+from tinyset.runtime import forward_chunk
 
 
 #: help of the ``init`` setting (checked by :func:`check_init` against the registry :data:`INITS`)
@@ -236,7 +237,6 @@ class Distiller:
         without BatchNorm). ``fn`` returns a tensor or a (nested) tuple/list of tensors with the
         images along dimension 0; the chunks' outputs are concatenated."""
         from tinyset.models.layers import mixes_images
-        from tinyset.runtime import forward_chunk
 
         n = forward_chunk(self.device)
         if n is None or len(x) <= n or mixes_images(net):

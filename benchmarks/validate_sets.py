@@ -7,7 +7,7 @@ split (a seeded draw that leaves out every image any of the given sets was selec
 validation split serves all of them). The test split is never read. A cheap stand-in for the
 ``dsa`` protocol (5 ConvNets of width 128 x 1000 epochs): at MNIST ipc 10 it costs about 1/30 of it
 (about 75 CPU-s per set against 2600 on an AVX2 core). It separates large differences only: see
-the README ("Selection and GAN sets on MNIST ipc 10").
+docs/measurements.md ("Selection and GAN sets on MNIST ipc 10").
 
     python benchmarks/validate_sets.py --data-root ../shared/datasets A.safetensors B.safetensors ...
 """

@@ -319,7 +319,7 @@ def test_cli_select_mi_on_digits_reads_only_the_train_split(tmp_path, monkeypatc
 
 
 def test_validate_sets_scores_on_held_out_training_images_only(tmp_path, capsys):
-    """benchmarks/validate_sets.py (how the README chose mi's diversity): one validation split for all
+    """benchmarks/validate_sets.py (how docs/measurements.md chose mi's diversity): one validation split for all
     sets, drawn from the training split without any set's images; sets of two datasets are refused."""
     import importlib.util
 

@@ -376,8 +376,8 @@ class MIOptions(SelectorOptions):
     estimator: str = hp("probe", "p(y|x) estimator: probe (cross-fitted, temperature-calibrated logistic "
                                  "probe) or knn (k-nearest-neighbour vote)", choices=ESTIMATORS)
     diversity: float = hp(0.0, "penalty x max cosine similarity to the already chosen samples of the class "
-                               "(0: plain top-k, the report's ranking; 0.1 validated best on MNIST ipc 10, see the "
-                               "README)", ge=0)
+                               "(0: plain top-k, the report's ranking; 0.1 validated best on MNIST ipc 10, see "
+                               "docs/measurements.md)", ge=0)
     model: str = hp("convnet-w32", "network trained briefly on the fit part to embed the images")
     epochs: int = hp(1, "training epochs of that network (0: a random network)", ge=0)
     max_train: int = hp(10000, "class-stratified subsample of the fit part the network trains on (none: all)",

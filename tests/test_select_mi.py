@@ -235,6 +235,55 @@ def test_diversity_avoids_exact_duplicates() -> None:
         assert diverse.scores[first] == diverse.scores[data.labels == c].max()
 
 
+def test_band_quotas_share_ipc_highest_bands_first() -> None:
+    assert mi.band_quotas(10, 1) == [10]
+    assert mi.band_quotas(10, 5) == [2, 2, 2, 2, 2]
+    assert mi.band_quotas(10, 3) == [4, 3, 3]
+    assert mi.band_quotas(3, 3) == [1, 1, 1]
+    for ipc in range(1, 12):
+        for s in range(1, ipc + 1):
+            assert sum(mi.band_quotas(ipc, s)) == ipc
+
+
+def test_strata_take_picks_from_every_score_band() -> None:
+    # one class, 100 samples whose scores are their positions: 5 bands of 20, 2 picks each
+    n, labels = 100, torch.zeros(100, dtype=torch.long)
+    scores = torch.arange(n, dtype=torch.float64)
+    tie = torch.randperm(n, generator=make_generator(0))
+    emb = torch.randn(n, 4, generator=make_generator(1), dtype=torch.float64)
+    plain = mi.choose(scores, scores, labels, 1, 10, emb, 0.0, tie)
+    assert sorted(plain.tolist()) == list(range(90, 100))  # every pick from the top band
+    banded = mi.choose(scores, scores, labels, 1, 10, emb, 0.0, tie, strata=5)
+    assert banded.tolist() == [99, 98, 79, 78, 59, 58, 39, 38, 19, 18]  # the best two of each band, top band first
+    # with the diversity term every band still gets its quota, and every pick lies in its band
+    diverse = mi.choose(scores, scores, labels, 1, 10, emb, 5.0, tie, strata=5)
+    assert [int(i) // 20 for i in diverse] == [4, 4, 3, 3, 2, 2, 1, 1, 0, 0]
+    # uneven sizes: 10 samples, ipc 4, 3 bands of 4, 3 and 3 samples get 2, 1 and 1 picks
+    small = mi.choose(scores[:10], scores[:10], labels[:10], 1, 4, emb[:10], 0.0, tie[tie < 10], strata=3)
+    assert small.tolist() == [9, 8, 5, 2]
+    with pytest.raises(ConfigError, match=r"strata=11: expected 1 to ipc \(10\)"):
+        mi.choose(scores, scores, labels, 1, 10, emb, 0.0, tie, strata=11)
+
+
+def test_strata_in_the_selector_keep_low_scored_samples(plant) -> None:
+    data, _, _ = plant
+    top = run(data, ipc=6, seed=0)
+    banded = run(data, ipc=6, seed=0, strata=3)
+    assert torch.equal(top.scores, banded.scores)  # the same scores, another choice
+    assert torch.bincount(data.labels[banded.indices], minlength=K).tolist() == [6] * K
+    assert banded.config["strata"] == 3
+    for c in range(K):
+        in_class = (data.labels == c).nonzero().flatten()
+        median = in_class[torch.argsort(top.scores[in_class], descending=True)][len(in_class) // 2]
+        chosen_top = [i for i in top.indices if int(data.labels[i]) == c]
+        chosen_banded = [i for i in banded.indices if int(data.labels[i]) == c]
+        # plain top-k stays above the class median; the bottom band reaches below it
+        assert min(top.scores[chosen_top]) > top.scores[median]
+        assert min(banded.scores[chosen_banded]) < top.scores[median]
+    with pytest.raises(ConfigError, match="strata=7: expected 1 to ipc"):
+        run(data, ipc=6, strata=7)
+
+
 def test_max_train_and_folds_options_run(plant) -> None:
     data, _, noise = plant
     res = run(data, max_train=30, folds=3, epochs=2, probe_l2=1e-2)
@@ -258,6 +307,8 @@ def test_options_and_defaults() -> None:
 
 @pytest.mark.parametrize("option, value, words", [
     ("diversity", -0.1, ["diversity", ">= 0", "-0.1"]),
+    ("strata", 0, ["strata", ">= 1", "0"]),
+    ("strata", 1.5, ["strata", "integer", "1.5"]),
     ("k", 0, ["k", ">= 1", "0"]),
     ("k", 2.5, ["k", "integer", "2.5"]),
     ("estimator", "mine", ["estimator", "'probe'", "'knn'", "'mine'"]),

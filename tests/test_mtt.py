@@ -1,5 +1,7 @@
 """MTT on digits with tiny experts: the loss falls, the lr gradient is right, resume is bit-exact,
 mismatches fail cleanly, and the learned lr reaches the evaluator."""
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from tinyset.hparams import resolve
 from tinyset.methods import METHODS
 from tinyset.methods.base import DistillContext
 from tinyset.methods.loop import distill, load_checkpoint, resolve_config
-from tinyset.methods.mtt import MTTConfig, Student, TrajectoryMatching, unroll_loss
+from tinyset.methods.mtt import SPIKE_WARMUP, SPIKE_WINDOW, MTTConfig, SpikeGuard, Student, TrajectoryMatching, \
+    unroll_loss
 from tinyset.models import create_model
 from tinyset.rng import make_generator
 from tinyset.synset import SyntheticSet
@@ -94,6 +97,30 @@ def test_registered_with_config_presets_and_sources(experts):
     m = resolve(MTTConfig, dataset="mnist", ipc=10, profile="cpu", table=TrajectoryMatching.paper,
                 cpu_rule=TrajectoryMatching.cpu_rule).values
     assert (m.model, m.syn_steps, m.max_start_epoch, m.batch_syn, m.final_eval) == ("convnet-w32", 20, 2, 50, "quick")
+    # the spike guard: on in the MNIST/FashionMNIST cpu rule, off in the paper's settings and on digits
+    assert m.spike_clip == 10.0
+    assert resolve(MTTConfig, dataset="mnist", ipc=10, profile="paper", table=TrajectoryMatching.paper).values.spike_clip \
+        is None
+    assert v.spike_clip is None
+
+
+def test_spike_guard_scales_only_spikes_after_its_warmup():
+    guard = SpikeGuard(10.0)
+    g = [torch.full((3,), 2.0), torch.full((2,), -1.0)]
+    for k in range(SPIKE_WARMUP):  # no clipping while the history fills, whatever the norm
+        assert guard.clip_(torch.tensor(1e6 if k == 0 else 1.0), g) == (1e6 if k == 0 else 1.0, 1.0)
+    assert g[0].tolist() == [2.0] * 3
+    # median of the history is 1 (nine 1s and one 1e6): 5 < 10 x 1 passes, 100 is scaled to 10
+    assert guard.clip_(torch.tensor(5.0), g) == (5.0, 1.0)
+    norm, scale = guard.clip_(torch.tensor(100.0), g)
+    assert (norm, scale) == (100.0, 0.1)
+    assert torch.allclose(g[0], torch.full((3,), 0.2)) and torch.allclose(g[1], torch.full((2,), -0.1))
+    # the unclipped norm enters the history; the window keeps the last SPIKE_WINDOW norms
+    assert float(guard.norms[SPIKE_WARMUP + 1]) == 100.0 and int(guard.count) == SPIKE_WARMUP + 2
+    for _ in range(SPIKE_WINDOW):
+        guard.clip_(torch.tensor(3.0), [])
+    assert torch.equal(guard.norms, torch.full((SPIKE_WINDOW,), 3.0, dtype=torch.float64))
+    assert guard.clip_(torch.tensor(31.0), [])[1] == pytest.approx(30.0 / 31.0)
 
 
 def test_mtt_loss_decreases_on_digits(digits, experts):
@@ -171,6 +198,31 @@ def test_resume_is_bit_exact(tmp_path, digits, experts):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(full.synset.images, resumed.synset.images) and full.synset.lr == resumed.synset.lr
+
+
+def test_resume_is_bit_exact_with_the_spike_guard_clipping(tmp_path, digits, experts):
+    # spike_clip=1 clips every iteration whose norm is above the median: the guard's history, its counter
+    # and the clipped updates must all survive a resume
+    its = SPIKE_WARMUP + 6
+
+    def run(name, n, **kw):
+        return distill("mtt", digits, 1, tmp_path / name, preset="cpu",
+                       sets=_sets(experts, max_start_epoch=4, spike_clip=1.0), overrides={"iterations": n}, seed=2,
+                       precision="fp32", checkpoint_every=1, **kw)
+
+    full = run("full", its)
+    run("part", its - 3)
+    resumed = run("part", its, resume=True)
+    a, _ = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
+    b, _ = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")
+    assert int(a["module.spike_guard.count"]) == its and set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(full.synset.images, resumed.synset.images) and full.synset.lr == resumed.synset.lr
+    lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["metrics"]["clip_scale"] for r in lines if "metrics" in r]
+    assert len(scales) == its and all(s == 1.0 for s in scales[:SPIKE_WARMUP])
+    assert any(s < 1.0 for s in scales[SPIKE_WARMUP:])
 
 
 def test_synset_carries_the_learned_lr(tmp_path, digits, experts):

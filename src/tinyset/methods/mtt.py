@@ -83,6 +83,10 @@ _REF = "GeorgeCazenavette/mtt-distillation distill.py defaults (Cazenavette et a
 MEMORY_MODES = ("full", "recompute")
 #: compile the student's step functions when a run has at least this many iterations (CPU, ``compile=auto``)
 COMPILE_MIN_ITERATIONS = 100
+#: iterations whose gradient norms :class:`SpikeGuard` keeps (the median of the last ``SPIKE_WINDOW``)
+SPIKE_WINDOW = 50
+#: iterations :class:`SpikeGuard` records before it may clip
+SPIKE_WARMUP = 10
 _TABLE = ("per-setting values the author provided, as listed by DC-BENCH methods/tm/readme.md "
           "(../shared/reference.md 1.3)")
 
@@ -108,6 +112,10 @@ class MTTConfig(DistillConfig):
                      choices=MEMORY_MODES)
     compile: str = hp("auto", "torch.compile the student's per-step functions (memory=recompute only; auto: on CPU "
                               f"for runs of at least {COMPILE_MIN_ITERATIONS} iterations)", choices=("auto", "on", "off"))
+    spike_clip: float | None = hp(None, "cap the norm of the images' gradient at this multiple of the median norm of "
+                                        f"the previous {SPIKE_WINDOW} iterations, scaling the gradients of every "
+                                        "learned tensor alike (none: off, as the reference); guards against the rare "
+                                        "exploding unroll that ruins a set in one update", gt=0, optional=True)
 
 
 def _cpu_budget(values, dataset: str, ipc: int) -> dict:
@@ -118,8 +126,41 @@ def _cpu_budget(values, dataset: str, ipc: int) -> dict:
     if family in ("mnist", "fashion-mnist"):
         # early segments only, one expert epoch in 20 steps, lr_img 100: chosen on MNIST ipc 1 (cpu_rule)
         return {"model": "convnet-w32", "iterations": 500 if ipc == 1 else 200, "lr_img": 100.0, "syn_steps": 20,
-                "expert_epochs": 1, "max_start_epoch": 2, "batch_syn": min(ipc * 10, 50), "final_eval": "quick"}
+                "expert_epochs": 1, "max_start_epoch": 2, "batch_syn": min(ipc * 10, 50), "final_eval": "quick",
+                "spike_clip": 10.0}
     return {}
+
+
+class SpikeGuard(nn.Module):
+    """Caps rare gradient spikes: the images' gradient norm ``n`` of an iteration is compared with
+    the median ``m`` of the previous ``SPIKE_WINDOW`` norms (once ``SPIKE_WARMUP`` are recorded), and
+    when ``n > factor * m`` every learned tensor's gradient is scaled by ``factor * m / n``, so the
+    update keeps its direction at a usual size. The unclipped norm enters the history. Why: an
+    unrolled student occasionally explodes inside its ``syn_steps`` (a minibatch on which the learned
+    lr is too large), and the hypergradient of that one iteration is ~1000x the usual; with
+    ``lr_img`` 100 that single update throws pixels 60-120 standard deviations out and the set never
+    recovers (measured on MNIST ipc 10 at iteration 186 of a bf16 run; docs/measurements.md). The
+    history is a buffer, so checkpoints carry it and resume stays bit-exact."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+        self.register_buffer("norms", torch.zeros(SPIKE_WINDOW, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def clip_(self, norm: torch.Tensor, grads: list[torch.Tensor]) -> tuple[float, float]:
+        """Record ``norm`` and scale ``grads`` in place when it is a spike; returns ``(norm, scale)``."""
+        n, k = float(norm), int(self.count)
+        scale = 1.0
+        if k >= SPIKE_WARMUP:
+            cap = self.factor * float(self.norms[:min(k, SPIKE_WINDOW)].median())
+            if n > cap > 0:
+                scale = cap / n
+                for g in grads:
+                    g.mul_(scale)
+        self.norms[k % SPIKE_WINDOW] = n
+        self.count += 1
+        return n, scale
 
 
 def _early_dataset_check(values, dataset: str, ipc: int) -> dict:
@@ -467,7 +508,9 @@ class TrajectoryMatching(Distiller):
         "compile off there (runs of a few minutes do not repay ~80 s of compilation, and uncompiled the full "
         "graph is the faster path). MNIST/FashionMNIST: model convnet-w32, batch_syn min(10*ipc, 50), syn_steps 20, "
         "expert_epochs 1, max_start_epoch 2, lr_img 100, 500 iterations at ipc 1 and 200 above (an ipc 10 "
-        "iteration costs ~4x). Why: before any learning, a student unrolled from a late expert epoch overshoots "
+        "iteration costs ~4x), spike_clip 10 (on MNIST ipc 10 one exploding unroll, at iteration 186 of a bf16 run, "
+        "had an image gradient ~1000x the usual and threw pixels 60-120 standard deviations out; "
+        "docs/measurements.md). Why: before any learning, a student unrolled from a late expert epoch overshoots "
         "(initial matching loss 1.3-1.8 from epochs 4-8 at lr 0.01, syn_steps 20, MNIST ipc 1), while from epochs "
         "0-1 it reaches 0.86-0.88 (benchmarks/probe_mtt_start.py, training data only); the earlier preset "
         "(max_start_epoch 8, expert_epochs 2, syn_steps 10) left the loss at 0.97 after 500 iterations and the "
@@ -531,6 +574,8 @@ class TrajectoryMatching(Distiller):
         super().setup(gen)  # images + their SGD optimiser (lr_img, momentum_img)
         lr = self.learnable("lr", torch.tensor(float(cfg.lr_teacher), dtype=torch.float32))
         self.optimizer("lr", torch.optim.SGD([lr], lr=cfg.lr_lr, momentum=cfg.momentum_lr))
+        self.guard = None if cfg.spike_clip is None else self.module("spike_guard", SpikeGuard(cfg.spike_clip))
+        self._last: dict[str, float] = {}
 
     def wants_compile(self) -> bool:
         """Whether the student's step functions are compiled (only the recompute path can be)."""
@@ -561,11 +606,16 @@ class TrajectoryMatching(Distiller):
                            cfg.syn_steps, cfg.batch_syn, gen, self.augment, match=self.mask, memory=cfg.memory)
 
     def step_all(self, loss: torch.Tensor) -> None:
-        """Backpropagate ``loss`` (checked finite) and step every optimiser."""
+        """Backpropagate ``loss`` (checked finite), cap a gradient spike (``spike_clip``, :class:`SpikeGuard`)
+        and step every optimiser."""
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
         self.check_finite(loss)
+        if self.guard is not None:
+            grads = [t.grad for t in self.tensors.values() if t.grad is not None]
+            norm, scale = self.guard.clip_(self.images.grad.norm(), grads)
+            self._last.update(grad_norm=norm, clip_scale=scale)
         for opt in self.optimizers.values():
             opt.step()
 
@@ -581,6 +631,10 @@ class TrajectoryMatching(Distiller):
         self.check_lr()
         return float(loss.detach())
 
+    def metrics(self) -> dict[str, float]:
+        """The images' gradient norm and the spike guard's scale (1: not clipped) when ``spike_clip`` is set."""
+        return dict(self._last)
+
     def to_synset(self, meta):
         meta = dict(meta)
         if meta:
@@ -590,4 +644,5 @@ class TrajectoryMatching(Distiller):
         return super().to_synset(meta)
 
 
-__all__ = ["MEMORY_MODES", "MTTConfig", "Student", "TrajectoryMatching", "soft_cross_entropy", "unroll_loss"]
+__all__ = ["MEMORY_MODES", "MTTConfig", "SpikeGuard", "Student", "TrajectoryMatching", "soft_cross_entropy",
+           "unroll_loss"]

@@ -203,7 +203,6 @@ class PrioritizeAlignment(TrajectoryMatching):
         self.mask = depth_mask(self.student.numels, cfg.depth_ratio).to(self.device)
         self.counter = self.module("schedule", _Counter().to(self.device))
         self._label_nets = None  # only needed at set-up
-        self._last: dict[str, float] = {}
 
     def label_networks(self) -> list[nn.Module]:
         """The complete experts after ``label_epoch``, in eval mode (loaded once at set-up)."""
@@ -288,9 +287,6 @@ class PrioritizeAlignment(TrajectoryMatching):
         self._last["skipped"] = float(skip)
         self.check_lr()
         return value
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._last)
 
     def to_synset(self, meta):
         meta = dict(meta)

@@ -152,7 +152,9 @@ def test_json_with_force_replaces_and_without_keeps(small_set, tmp_path):
 
 
 def test_methods_names_a_pinned_auto_precision(capsys):
-    assert main(["methods", "mtt"]) == 0
+    assert main(["methods", "pad"]) == 0
     assert "--precision auto runs fp32 for this method" in capsys.readouterr().out
+    assert main(["methods", "mtt"]) == 0
+    assert "--precision auto runs" not in capsys.readouterr().out
     assert main(["methods", "dm"]) == 0
     assert "--precision auto runs" not in capsys.readouterr().out

@@ -37,13 +37,17 @@ Two exact ways to differentiate the unroll (``memory``):
   compiled), which more than pays for that extra work on runs of a few hundred iterations.
 
 Gradients of both paths agree to rounding (tested to 1e-5 relative, eager fp32). The student runs
-under the run's ``precision``, losses and the parameter vectors in fp32. ``--precision auto`` runs
-fp32 for this method on every CPU (:attr:`TrajectoryMatching.auto_precision`): with the bf16
-autocast the MNIST ``cpu`` preset's loss turned up after 150 iterations on an AMX CPU and the set
-fell below random images; ``--precision bf16`` still asks for it. On MNIST with a trained expert,
-bf16 moved the first loss by about 3e-3 relative against fp32; the unrolled gradients through InstanceNorm are ill-conditioned enough
-that even compiled fp32 (other kernels, other rounding) moves image gradients by ~1e-2 relative.
-Set ``--precision fp32`` for the reference's arithmetic. The learned ``lr`` is stored in the
+under the run's ``precision``, losses and the parameter vectors in fp32; ``--precision auto`` follows
+the runtime's rule (bf16 where the CPU has native bf16). On MNIST with a trained expert, bf16 moved the
+first loss by about 3e-3 relative against fp32, and along a whole run its image gradients kept a cosine
+of 0.98-1.00 with fp32's; the unrolled gradients through InstanceNorm are ill-conditioned enough that
+even compiled fp32 (other kernels, other rounding) moves image gradients by ~1e-2 relative. Set
+``--precision fp32`` for the reference's arithmetic.
+
+**Spikes** (``spike_clip``, :class:`SpikeGuard`). As the learned lr grows, the unrolled student
+occasionally explodes on a minibatch, in either precision, and that iteration's hypergradient is up to
+~1000x the usual. One such update wrecked a bf16 MNIST ``cpu`` run at iteration 186. The guard
+caps those updates; the ``cpu`` rule turns it on for MNIST and FashionMNIST. The learned ``lr`` is stored in the
 synthetic set (:attr:`tinyset.synset.SyntheticSet.lr`); evaluation protocols with ``lr = null``
 train on it. The lr is learned directly (not through a log), as in the reference; if an update
 makes it zero or negative the run stops with a :class:`~tinyset.errors.NumericalError` (the last
@@ -466,11 +470,10 @@ class TrajectoryMatching(Distiller):
     name = "mtt"
     Config = MTTConfig
     expert_kind = "plain"
-    # measured on an AMX CPU (2026-12-04; MNIST ipc 10, cpu preset, same experts and seed): in bf16
-    # the matching loss fell like fp32's for 150 iterations (0.73 -> 0.48), then rose to 0.85-0.97
-    # while fp32's kept falling (0.475 at 150-190); the bf16 set trained for 1500 iterations scored
-    # 83.70 +- 2.60 (random real images: 93.75). So `auto` runs the unrolled student in fp32.
-    auto_precision = "fp32"
+    # `auto` follows the runtime (bf16 on a CPU with native bf16). It ran fp32 from 2026-12-04 until a
+    # bf16 MNIST ipc 10 run was found wrecked by one exploding unroll (iteration 186, an image gradient
+    # 1357x the median), not by bf16 arithmetic. With spike_clip 10 the same bf16 run scored 94.20 +- 0.42
+    # (dsa-learned-lr), against 94.11 +- 0.29 for fp32 without it (docs/measurements.md).
     paper = Table((
         Row({"iterations": 5000, "init": "real", "lr_img": 1000.0, "momentum_img": 0.5, "lr_lr": 1e-5,
              "momentum_lr": 0.5, "lr_teacher": 0.01, "syn_steps": 20, "expert_epochs": 3, "max_start_epoch": 25},

@@ -225,6 +225,26 @@ def test_resume_is_bit_exact_with_the_spike_guard_clipping(tmp_path, digits, exp
     assert any(s < 1.0 for s in scales[SPIKE_WARMUP:])
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_asks_for_its_default(tmp_path, digits, experts):
+    # a checkpoint written before spike_clip existed ran without the guard: resuming it with the guard on
+    # is refused with the flag that resumes it, and resuming it as it ran works
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _run(tmp_path, digits, experts, "old", 2, checkpoint_every=1)
+    ckpt = tmp_path / "old" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        header = json.loads(f.metadata()["tinyset"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del header["config"]["spike_clip"]
+    save_file(tensors, str(ckpt), metadata={"tinyset": json.dumps(header)})
+    with pytest.raises(ConfigError, match=r"before the setting spike_clip existed .*--set spike_clip=none"):
+        distill("mtt", digits, 1, tmp_path / "old", preset="cpu",
+                sets=_sets(experts, max_start_epoch=4, spike_clip=10.0), overrides={"iterations": 3}, seed=2,
+                precision="fp32", resume=True)
+    assert _run(tmp_path, digits, experts, "old", 3, resume=True).iterations == 3
+
+
 def test_synset_carries_the_learned_lr(tmp_path, digits, experts):
     res = _run(tmp_path, digits, experts, "run", 3)
     loaded = SyntheticSet.load(tmp_path / "run" / "synset.safetensors")

@@ -267,6 +267,11 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
             if k != "iterations" and getattr(cfg, k, v) != v:
                 raise ConfigError(f"--resume: {ckpt_path} was made with {k}={v!r}, this run asks for "
                                   f"{getattr(cfg, k)!r}; resume with the same settings")
+        for k, spec in type(cfg).specs().items():  # settings added since the checkpoint: it ran with their default
+            if k not in header["config"] and getattr(cfg, k) != spec.default:
+                raise ConfigError(f"--resume: {ckpt_path} was made before the setting {k} existed (so with its "
+                                  f"default, {spec.default!r}); this run asks for {getattr(cfg, k)!r}: resume with "
+                                  f"--set {k}={'none' if spec.default is None else spec.default}")
         restore_state(impl, tensors, header["optimizers"], ckpt_path)
         gen.set_state(tensors["generator"])
         start_it, elapsed0 = int(header["iteration"]), float(header["elapsed_s"])

@@ -201,8 +201,8 @@ def test_distillation_beats_its_initialisation_on_real_digits(tmp_path, method):
 
 
 def test_a_pinned_auto_precision_wins_over_the_runtime_only_under_auto():
-    """PAD takes fp32 under --precision auto even where the runtime would pick bf16 (not yet measured in
-    bf16 with the spike guard); an explicit precision wins, and MTT and the other methods keep the
+    """PAD takes fp32 under --precision auto even where the runtime would pick bf16 (its one bf16 run
+    scored slightly lower); an explicit precision wins, and MTT and the other methods keep the
     runtime's choice."""
     from tinyset.methods.loop import method_precision
 

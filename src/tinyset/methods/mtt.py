@@ -47,9 +47,10 @@ even compiled fp32 (other kernels, other rounding) moves image gradients by ~1e-
 **Spikes** (``spike_clip``, :class:`SpikeGuard`). As the learned lr grows, the unrolled student
 occasionally explodes on a minibatch, in either precision, and that iteration's hypergradient is up to
 ~1000x the usual. One such update wrecked a bf16 MNIST ``cpu`` run at iteration 186. The guard
-caps those updates; the ``cpu`` rule turns it on for MNIST and FashionMNIST. The learned ``lr`` is stored in the
-synthetic set (:attr:`tinyset.synset.SyntheticSet.lr`); evaluation protocols with ``lr = null``
-train on it. The lr is learned directly (not through a log), as in the reference; if an update
+caps those updates; the ``cpu`` rule turns it on for MNIST and FashionMNIST.
+
+The learned ``lr`` is stored in the synthetic set (:attr:`tinyset.synset.SyntheticSet.lr`); evaluation
+protocols with ``lr = null`` train on it. The lr is learned directly (not through a log), as in the reference; if an update
 makes it zero or negative the run stops with a :class:`~tinyset.errors.NumericalError` (the last
 checkpoint is kept) and asks for a smaller ``lr_lr``.
 

@@ -54,8 +54,9 @@ protocols with ``lr = null`` train on it. The lr is learned directly (not throug
 makes it zero or negative the run stops with a :class:`~tinyset.errors.NumericalError` (the last
 checkpoint is kept) and asks for a smaller ``lr_lr``.
 
-ZCA whitening, which the reference uses for most CIFAR rows, is not implemented in tinyset: expert
-sets record ``zca: false`` and the paper rows apply without it. ``batch_real`` is not used (MTT
+ZCA whitening, which the reference uses for most CIFAR rows, is the data layer's (``--set zca=true``,
+with experts made by ``tinyset experts --zca``; a mismatch is refused); the paper rows below do not
+switch it on, so they run without it unless asked. ``batch_real`` is not used (MTT
 sees real images only through the experts and the ``init=real`` draw).
 
 Architecture: the student is the experts' network (name and arguments from the expert set), and

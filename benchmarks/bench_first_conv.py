@@ -75,9 +75,10 @@ def main() -> None:
         im2col, direct = passes(conv, x, args.compiled, runtime.precision)
         label = f"{mode} {runtime.precision} 1->{cout} x{members}, {n} images"
         contenders = {"tinyset": ("im2col matrix product", im2col), "direct": ("F.conv2d (oneDNN)", direct)}
-        rec = report(label, contenders, race(label, contenders, args.reps), "pass", runtime.threads, runtime.precision,
-                     {"cout": cout, "images": n, "members": members, "mode": mode,
-                      "input_grad": not args.no_input_grad})
+        cpu: dict[str, list[float]] = {}
+        rec = report(label, contenders, race(label, contenders, args.reps, cpu), "pass", runtime.threads,
+                     runtime.precision, {"cout": cout, "images": n, "members": members, "mode": mode,
+                                         "input_grad": not args.no_input_grad}, cpu=cpu)
         rows.append(rec)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": describe_machine(runtime), "rows": rows}, indent=2))

@@ -66,7 +66,7 @@ def main() -> None:
                                 "(reference_loop.ReferenceGANStep), fp32", lambda: ref.step(gen_ref))}
     cpu: dict[str, list[float]] = {}
     walls = race("GAN", contenders, args.iterations, cpu=cpu)
-    rec = report("GAN", contenders, walls, "iteration", torch.get_num_threads(), runtime.precision, {})
+    rec = report("GAN", contenders, walls, "iteration", torch.get_num_threads(), runtime.precision, {}, cpu=cpu)
     mine = walls["tinyset"]
     it = {"median_s": statistics.median(mine), "min_s": min(mine), "mean_s": statistics.mean(mine),
           "cpu_s_per_iteration": statistics.mean(cpu["tinyset"]),

@@ -79,7 +79,7 @@ def bench(name: str, train, args, runtime) -> dict:
                                 lambda: losses["reference"].append(ref.step(gen_ref)))}
     cpu: dict[str, list[float]] = {}
     walls = race(f"KRR {name}", contenders, args.iterations, cpu=cpu)
-    rec = report(f"KRR {name}", contenders, walls, "iteration", torch.get_num_threads(), runtime.precision, {})
+    rec = report(f"KRR {name}", contenders, walls, "iteration", torch.get_num_threads(), runtime.precision, {}, cpu=cpu)
     mine = walls["tinyset"]
     row = {"config": name, "batch_real_per_class": cfg.batch_real, "model": cfg.model, "width": cfg.width,
            "pool_size": cfg.pool_size,

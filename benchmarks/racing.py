@@ -5,7 +5,9 @@ ratio of contenders timed in alternating turns in one process, never as one abso
 turn, in a fixed order; it records the wall seconds of every turn and, in ``cpu`` when given, the CPU
 seconds of the process during the turn. ``report`` prints the medians and tinyset's speed-up against
 every other contender (and, where upstream's own code ran, what each reference-style loop costs
-relative to it, so that the reference can be checked).
+relative to it, so that the reference can be checked). Given the CPU seconds too, it prints the
+speed-up in CPU seconds beside the wall one: with one thread per contender, a neighbour's job on the
+same core slows a turn's wall time but not its CPU time, so the CPU ratio is the steadier of the two.
 """
 from __future__ import annotations
 
@@ -42,16 +44,25 @@ def race(label: str, contenders: Contenders, reps: int, cpu: dict[str, list[floa
 
 
 def report(label: str, contenders: Contenders, times: dict[str, list[float]], unit: str, threads: int, prec: str,
-           extra: dict) -> dict:
-    """Print the medians and the speed-ups (tinyset against each other contender)."""
+           extra: dict, cpu: dict[str, list[float]] | None = None) -> dict:
+    """Print the medians and the speed-ups (tinyset against each other contender); with ``cpu`` (the CPU
+    seconds ``race`` recorded) also the medians and speed-ups in CPU seconds."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    cmed = {name: statistics.median(ts) for name, ts in cpu.items()} if cpu else {}
     for name, (desc, _) in contenders.items():
-        print(f"{label:<8} {name:<10}: {med[name]:7.2f} s/{unit}  ({desc}; {threads} threads)")
+        in_cpu = f" (cpu {cmed[name]:.2f} s)" if name in cmed else ""
+        print(f"{label:<8} {name:<10}: {med[name]:7.2f} s/{unit}{in_cpu}  ({desc}; {threads} threads)")
     out = {"seconds": med, "turns": times, "threads": threads, "precision": prec, **extra}
+    if cmed:
+        out["cpu_seconds"], out["cpu_turns"] = cmed, cpu
     for name in med:
         if name != "tinyset":
             out[f"speedup_vs_{name}"] = med[name] / med["tinyset"]
-            print(f"{label:<8} speed-up  : {med[name] / med['tinyset']:.2f}x against {name}")
+            line = f"{label:<8} speed-up  : {med[name] / med['tinyset']:.2f}x against {name}"
+            if cmed:
+                out[f"cpu_speedup_vs_{name}"] = cmed[name] / cmed["tinyset"]
+                line += f" (wall medians); {cmed[name] / cmed['tinyset']:.2f}x in CPU seconds"
+            print(line)
     if "upstream" in med:
         for name in med:
             if name.startswith("reference"):

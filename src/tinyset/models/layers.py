@@ -108,7 +108,10 @@ class Conv2d(nn.Module):
         ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
         cols = F.unfold(x, k, padding=p).transpose(1, 2)  # [N, L, M*cin*k*k]
         wt = self.weight.view(m, self.cout, self.cin * k * k).transpose(1, 2)  # [M, cin*k*k, cout]
-        wmat = torch.block_diag(*wt.unbind(0)) if m > 1 else wt[0]  # [M*cin*k*k, M*cout]
+        # [M*cin*k*k, M*cout], row-major: autograd then forms the weight gradient as cols^T @ grad
+        # ([cin*k*k, cout]); for a column-major (transposed) matrix it forms grad^T @ cols instead, whose
+        # few output columns ran 4-8x slower in fp32 (benchmarks/bench_first_conv.py)
+        wmat = torch.block_diag(*wt.unbind(0)) if m > 1 else wt[0].contiguous()
         y = cols @ wmat.to(cols.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)

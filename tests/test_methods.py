@@ -213,3 +213,41 @@ def test_a_pinned_auto_precision_wins_over_the_runtime_only_under_auto():
     assert method_precision(pad, "auto", "cpu", "fp32") == ("fp32", None)
     assert method_precision(mtt, "auto", "cpu", "bf16") == ("bf16", None)
     assert method_precision(dm, "auto", "cpu", "bf16") == ("bf16", None)
+
+
+def test_eval_every_keeps_the_best_set_by_validation_and_resume_keeps_it(tmp_path):
+    """With periodic validation the run keeps best.safetensors: the set of the iteration whose validation
+    accuracy is highest (the earliest on ties), bit-identical to a run stopped at that iteration, and the
+    same after a run is interrupted and resumed."""
+    train = tiny_dataset()
+    kw = dict(preset="cpu", overrides={"model": "convnet-d2", "batch_real": 8}, seed=3, precision="fp32",
+              eval_every=2, val_per_class=4)
+    full = distill("dm", train, 2, tmp_path / "full", **{**kw, "overrides": {**kw["overrides"], "iterations": 6}})
+    lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["eval"]["mean"], -r["iteration"]) for r in lines if "eval" in r]
+    assert len(evals) == 3  # iterations 2, 4, 6
+    top_mean, neg_it = max(evals)
+    best = SyntheticSet.load(tmp_path / "full" / "best.safetensors")
+    assert best.meta["chosen_by"]["iteration"] == -neg_it == full.best["iteration"]
+    assert best.meta["chosen_by"]["mean"] == top_mean and best.meta["chosen_by"]["split"] == "validation"
+    assert full.best["file"] == str(tmp_path / "full" / "best.safetensors")
+
+    # the best set is the set of that iteration
+    short = distill("dm", train, 2, tmp_path / "short",
+                    **{**kw, "overrides": {**kw["overrides"], "iterations": -neg_it}})
+    assert torch.equal(short.synset.images, best.images)
+
+    # stopped after 4 iterations and resumed to 6: the same best set
+    distill("dm", train, 2, tmp_path / "resumed", **{**kw, "overrides": {**kw["overrides"], "iterations": 4}})
+    resumed = distill("dm", train, 2, tmp_path / "resumed", resume=True,
+                      **{**kw, "overrides": {**kw["overrides"], "iterations": 6}})
+    again = SyntheticSet.load(tmp_path / "resumed" / "best.safetensors")
+    assert torch.equal(again.images, best.images) and again.meta["chosen_by"] == best.meta["chosen_by"]
+    assert resumed.best == {**full.best, "file": str(tmp_path / "resumed" / "best.safetensors")}
+
+
+def test_no_best_set_without_validation(tmp_path):
+    res = distill("dm", tiny_dataset(), 2, tmp_path / "run", preset="cpu", seed=1, precision="fp32",
+                  overrides={"model": "convnet-d2", "batch_real": 8, "iterations": 2})
+    assert res.best is None and not (tmp_path / "run" / "best.safetensors").exists()
+    assert "best" not in res.to_dict() or res.to_dict()["best"] is None

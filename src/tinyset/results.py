@@ -171,6 +171,9 @@ class DistillationResult(_Result):
     final_loss: float | None = None
     evaluation: EvaluationResult | None = None
     synset: Any = field(default=None, metadata={"runtime_only": True})
+    #: with periodic validation: the best set by validation accuracy (iteration, mean, std, split,
+    #: protocol, file); None without it
+    best: dict[str, Any] | None = None
 
 
 _KINDS = {c.kind: c for c in (EvaluationResult, SelectionResult, DistillationResult)}

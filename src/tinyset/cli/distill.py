@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the images (default: preset's)")
     p.add_argument("--batch-real", type=number(int, low=1), default=None, help="real images per class per iteration")
     p.add_argument("--eval-every", type=number(int, low=0), default=0,
-                   help="evaluate on a held-out validation split every N iterations (0: never)")
+                   help="evaluate on a validation split held out of the training images every N iterations "
+                        "(0: never) and keep the best set by that accuracy as best.safetensors in --out")
     p.add_argument("--checkpoint-every", type=number(int, low=1), default=50,
                    help="checkpoint every N iterations (default: 50)")
     p.add_argument("--out", default=None, help="run folder (default: runs/METHOD_DATASET_ipcK_seedS)")
@@ -109,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     print(f"distilled {len(res.synset)} images ({args.ipc} per class) with {res.method} in {res.iterations} "
           f"iterations, {res.wall_time_s:.1f} s: {out / 'synset.safetensors'}")
+    if res.best is not None:
+        b = res.best
+        print(f"best set by validation accuracy: iteration {b['iteration']}, {100 * b['mean']:.2f} +- "
+              f"{100 * b['std']:.2f} ({b['protocol']} protocol on images held out of the training split): {b['file']}")
     if res.evaluation is not None:
         print_evaluation(res.evaluation, f"test accuracy of networks trained on {out / 'synset.safetensors'}")
         print(f"results written to {out / 'eval.json'}; the full protocol: tinyset evaluate "

@@ -7,6 +7,8 @@ Run folder::
     config.json             final settings, where each came from, runtime (device, precision, threads)
     checkpoint.safetensors  every declared tensor, module and optimiser state, the generator, iteration
     metrics.jsonl           one line per iteration: iteration, loss, seconds (+ validation evaluations)
+    best.safetensors        with --eval-every: the set of the iteration with the highest validation
+                            accuracy so far (the earliest on ties), chosen without the test split
     init.png / final.png    image grids, one row per class
     (method's own files)    whatever a method writes in Distiller.write_artifacts (e.g. a generator, samples)
     synset.safetensors      the final synthetic set
@@ -186,6 +188,20 @@ def method_precision(cls: type[Distiller], requested: str, device: torch.device 
     return runtime_choice, None
 
 
+#: the run's best set by validation accuracy (only with ``eval_every > 0``)
+BEST = "best.safetensors"
+
+
+def _best_evaluation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The validation evaluation the best set came from: the highest mean, the earliest on ties."""
+    best = None
+    for r in records:
+        ev = r.get("eval")
+        if ev is not None and (best is None or ev["mean"] > best["mean"]):
+            best = {**ev, "iteration": r["iteration"]}
+    return best
+
+
 def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, preset: str = "cpu",
             config_file: str | Path | None = None, sets: Mapping[str, Any] | None = None,
             overrides: Mapping[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
@@ -198,7 +214,9 @@ def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, 
     Settings come from :func:`resolve_config` (``overrides`` count as flags, ``sets`` as
     ``--set``). ``eval_every > 0`` evaluates the current set every so many iterations on a
     validation split held out of the training data (``val_per_class`` images per class, excluded
-    from matching); the test set is never used for that. With ``test`` given, the final set is
+    from matching); the test set is never used for that. The set that scores highest there is kept
+    as ``best.safetensors`` (its header's ``chosen_by`` says which iteration and score), and
+    ``DistillationResult.best`` describes it. With ``test`` given, the final set is
     evaluated on it with the ``final_eval`` protocol (default: the config's) and ``eval.json``
     written.
     """
@@ -285,9 +303,12 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                     "dsa_strategy": augment.strategy if augment else "none", **(runtime_info or {})},
         "tinyset_version": __version__})
     metrics_path = out / "metrics.jsonl"
+    best: dict[str, Any] | None = None  # the validation evaluation of best.safetensors
     if resume and metrics_path.exists():  # keep the lines up to the checkpoint (a torn last line is dropped)
         records, _ = read_jsonl(metrics_path)
-        rewrite_jsonl(metrics_path, [r for r in records if r.get("iteration", 0) <= start_it])
+        kept = [r for r in records if r.get("iteration", 0) <= start_it]
+        rewrite_jsonl(metrics_path, kept)
+        best = _best_evaluation(kept)
     elif not resume:
         metrics_path.write_text("")
         save_grid(impl.synset({}), out / "init.png")
@@ -321,6 +342,10 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                     r = res.results[0]
                     last_eval = {"split": "validation", "protocol": "quick", "mean": r.mean, "std": r.std}
                     rec["eval"] = last_eval
+                    if best is None or r.mean > best["mean"]:
+                        best = {**last_eval, "iteration": it}
+                        impl.synset({"method": key, "config": cfg.to_dict(), "config_sources": config.sources,
+                                     "seed": seed, "iterations": it, "chosen_by": best}).save(out / BEST)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if on_iteration is not None:
@@ -347,7 +372,8 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
     impl.write_artifacts(out, it, final=True)
     result = DistillationResult(method=key, dataset=info.name, ipc=ipc, seed=seed, iterations=it, wall_time_s=wall,
                                 out_dir=str(out), config=cfg.to_dict(), config_sources=dict(config.sources),
-                                final_loss=loss if it > start_it else None, synset=synset)
+                                final_loss=loss if it > start_it else None, synset=synset,
+                                best=None if best is None else {**best, "file": str(out / BEST)})
     if test is not None:
         protocol = Protocol.preset(final_eval or cfg.final_eval)
         ev = evaluate_synset(synset, test, [cfg.model], protocol, seed=seed, device=device, train=train)

@@ -231,6 +231,8 @@ def test_eval_every_keeps_the_best_set_by_validation_and_resume_keeps_it(tmp_pat
     assert best.meta["chosen_by"]["iteration"] == -neg_it == full.best["iteration"]
     assert best.meta["chosen_by"]["mean"] == top_mean and best.meta["chosen_by"]["split"] == "validation"
     assert full.best["file"] == str(tmp_path / "full" / "best.safetensors")
+    from tinyset.results import result_from_dict
+    assert result_from_dict(json.loads(json.dumps(full.to_dict()))).best == full.best
 
     # the best set is the set of that iteration
     short = distill("dm", train, 2, tmp_path / "short",

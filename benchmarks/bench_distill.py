@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import upstream as upstream_code  # noqa: E402
-from racing import race, report  # noqa: E402
+from racing import race_report  # noqa: E402
 from reference_loop import reference_datadam_iteration, reference_dc_iteration, reference_dm_iteration  # noqa: E402
 
 from tinyset.augment import DSA, default_strategy  # noqa: E402
@@ -158,9 +158,8 @@ class Bench:
                                                               g_r, next(seeds)))
         _, impl, step = self.tinyset("dm", {"batch_real": a.batch_real}, self.aug)
         contenders["tinyset"] = (f"{self.prec}, all classes in one forward, {real_chunks(impl)}", step)
-        cpu: dict[str, list[float]] = {}
-        return report("DM", contenders, race("DM", contenders, a.reps, cpu), "iteration", self.threads, self.prec,
-                      {"batch_real": a.batch_real}, cpu=cpu)
+        return race_report("DM", contenders, a.reps, "iteration", self.threads, self.prec,
+                           {"batch_real": a.batch_real})
 
     def datadam(self) -> dict:
         a, ipc, b, c = self.args, self.ipc, self.args.datadam_batch_real, self.shape[0]
@@ -184,9 +183,8 @@ class Bench:
         compiled = "compiled" if impl.wants_compile() else "eager"
         contenders["tinyset"] = (f"{self.prec}, {compiled}, {cfg.model}, all classes in one forward, {real_chunks(impl)}",
                                   step)
-        cpu: dict[str, list[float]] = {}
-        return report("DataDAM", contenders, race("DataDAM", contenders, a.reps, cpu), "iteration", self.threads,
-                      self.prec, {"batch_real": b, "power": cfg.power, "model": cfg.model}, cpu=cpu)
+        return race_report("DataDAM", contenders, a.reps, "iteration", self.threads, self.prec,
+                           {"batch_real": b, "power": cfg.power, "model": cfg.model})
 
     def dc(self, method: str) -> dict:
         a, ipc, c = self.args, self.ipc, self.shape[0]
@@ -217,11 +215,9 @@ class Bench:
         contenders["tinyset"] = (impl.describe_path(), step)
         loops = f"{cfg.outer_loop} image updates, {cfg.outer_loop - 1} x {cfg.inner_loop} inner epochs"
         print(f"{method.upper()}: one outer iteration = {loops}, batch_real {cfg.batch_real}, ipc {ipc}", flush=True)
-        cpu: dict[str, list[float]] = {}
-        return report(method.upper(), contenders, race(method.upper(), contenders, a.reps, cpu), "outer iteration",
-                      self.threads, self.prec, {"outer_loop": cfg.outer_loop, "inner_loop": cfg.inner_loop,
-                                                "batch_real": cfg.batch_real, "path": impl.describe_path()},
-                      cpu=cpu)
+        return race_report(method.upper(), contenders, a.reps, "outer iteration", self.threads, self.prec,
+                           {"outer_loop": cfg.outer_loop, "inner_loop": cfg.inner_loop,
+                            "batch_real": cfg.batch_real, "path": impl.describe_path()})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from racing import race, report  # noqa: E402
+from racing import race_report  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -75,10 +75,9 @@ def main() -> None:
         im2col, direct = passes(conv, x, args.compiled, runtime.precision)
         label = f"{mode} {runtime.precision} 1->{cout} x{members}, {n} images"
         contenders = {"tinyset": ("im2col matrix product", im2col), "direct": ("F.conv2d (oneDNN)", direct)}
-        cpu: dict[str, list[float]] = {}
-        rec = report(label, contenders, race(label, contenders, args.reps, cpu), "pass", runtime.threads,
-                     runtime.precision, {"cout": cout, "images": n, "members": members, "mode": mode,
-                                         "input_grad": not args.no_input_grad}, cpu=cpu)
+        rec = race_report(label, contenders, args.reps, "pass", runtime.threads, runtime.precision,
+                          {"cout": cout, "images": n, "members": members, "mode": mode,
+                           "input_grad": not args.no_input_grad})
         rows.append(rec)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": describe_machine(runtime), "rows": rows}, indent=2))

@@ -70,3 +70,10 @@ def report(label: str, contenders: Contenders, times: dict[str, list[float]], un
                 print(f"{label:<8} check     : {name} costs {med[name] / med['upstream']:.2f}x upstream's time")
     sys.stdout.flush()
     return out
+
+
+def race_report(label: str, contenders: Contenders, reps: int, unit: str, threads: int, prec: str,
+                extra: dict) -> dict:
+    """:func:`race` then :func:`report`, with the CPU seconds (the record's ``turns`` and ``cpu_turns``)."""
+    cpu: dict[str, list[float]] = {}
+    return report(label, contenders, race(label, contenders, reps, cpu), unit, threads, prec, extra, cpu=cpu)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from racing import race, report  # noqa: E402
+from racing import race, race_report, report  # noqa: E402
 
 
 def _contenders():
@@ -43,3 +43,9 @@ def test_race_times_every_contender_in_alternating_turns(capsys):
     assert order == ["a", "b"] * 3  # one warm-up round, then two timed rounds
     assert [len(walls[k]) for k in "ab"] == [2, 2] and [len(cpu[k]) for k in "ab"] == [2, 2]
     assert "warm-up" in capsys.readouterr().out
+
+
+def test_race_report_races_then_reports_with_cpu_seconds(capsys):
+    out = race_report("Y", {"tinyset": ("", lambda: None), "reference": ("", lambda: None)}, 2, "pass", 1, "fp32", {})
+    assert len(out["turns"]["tinyset"]) == 2 and len(out["cpu_turns"]["reference"]) == 2
+    assert "cpu_speedup_vs_reference" in out and "in CPU seconds" in capsys.readouterr().out

@@ -303,6 +303,11 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                     "dsa_strategy": augment.strategy if augment else "none", **(runtime_info or {})},
         "tinyset_version": __version__})
     metrics_path = out / "metrics.jsonl"
+
+    def set_meta(iteration: int, **more: Any) -> dict[str, Any]:  # the header of a set this run saves
+        return {"method": key, "config": cfg.to_dict(), "config_sources": config.sources, "seed": seed,
+                "iterations": iteration, **more}
+
     best: dict[str, Any] | None = None  # the validation evaluation of best.safetensors
     if resume and metrics_path.exists():  # keep the lines up to the checkpoint (a torn last line is dropped)
         records, _ = read_jsonl(metrics_path)
@@ -344,8 +349,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                     rec["eval"] = last_eval
                     if best is None or r.mean > best["mean"]:
                         best = {**last_eval, "iteration": it}
-                        impl.synset({"method": key, "config": cfg.to_dict(), "config_sources": config.sources,
-                                     "seed": seed, "iterations": it, "chosen_by": best}).save(out / BEST)
+                        impl.synset(set_meta(it, chosen_by=best)).save(out / BEST)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if on_iteration is not None:
@@ -364,9 +368,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                 if saved["iteration"] is not None else "nothing was saved (no checkpoint had been written yet)")
         raise Interrupted(exc.signum, f"stopped at once by a second signal: {kept}") from None
     wall = elapsed0 + time.perf_counter() - t0
-    meta = {"method": key, "config": cfg.to_dict(), "config_sources": config.sources, "seed": seed,
-            "iterations": it, "wall_time_s": wall}
-    synset = impl.synset(meta)
+    synset = impl.synset(set_meta(it, wall_time_s=wall))
     synset.save(out / "synset.safetensors")
     save_grid(synset, out / "final.png")
     impl.write_artifacts(out, it, final=True)

@@ -35,12 +35,13 @@ def _protocol(protocol: str | Protocol | None, default: str, overrides: dict[str
 
 def evaluate(synset: SyntheticSet | str | os.PathLike, test: Any, models: Sequence[str] = ("convnet",),
              protocol: str | Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
-             train: Any = None, **protocol_overrides: Any) -> EvaluationResult:
+             train: Any = None, split: str = "test", **protocol_overrides: Any) -> EvaluationResult:
     """Train fresh networks on a synthetic set (or its ``.safetensors`` file) and test them on ``test``
     (a dataset, or a dataset name read from ``$TINYSET_DATA``). ``protocol`` is a preset name (default
     ``dsa``) or a :class:`Protocol`; keyword arguments override its fields (``epochs=300``, ...).
     ``train``: the real training split (or its dataset name), needed by a protocol that stops early
-    (``dsa-early``, ``early_stop_patience=``): its validation split is held out of it."""
+    (``dsa-early``, ``early_stop_patience=``): its validation split is held out of it; and by
+    ``split="validation"``, which scores on images held out of it instead of ``test`` (may be None)."""
     if not isinstance(synset, SyntheticSet):
         synset = SyntheticSet.load(synset)
     if isinstance(test, str):
@@ -48,7 +49,7 @@ def evaluate(synset: SyntheticSet | str | os.PathLike, test: Any, models: Sequen
     if isinstance(train, str):
         train = load_dataset(train, "train")
     return evaluate_synset(synset, test, list(models), _protocol(protocol, "dsa", protocol_overrides), seed=seed,
-                           device=device, train=train)
+                           device=device, train=train, split=split)
 
 
 def baseline(train: Any, test: Any, models: Sequence[str] = ("convnet",), protocol: str | Protocol | None = None,

@@ -125,6 +125,10 @@ class EvaluationResult(_Result):
     runtime: dict[str, Any] = field(default_factory=dict)
     #: the label regime of every row (see :attr:`ModelScore.label_regime`)
     label_regime: str = UNRECORDED_REGIME
+    #: the real images the networks were scored on: ``{"split": "test"}`` (the default, and what
+    #: results written before the field existed mean), or ``{"split": "validation", ...}`` with the
+    #: held-out split's description (``tinyset evaluate --split validation``; never the test split)
+    scored_on: dict[str, Any] = field(default_factory=lambda: {"split": "test"})
 
     def score(self, model: str) -> ModelScore:
         for r in self.results:

@@ -157,10 +157,21 @@ def print_evaluation(res: Any, title: str) -> None:
     from tinyset.evaluate import format_table
 
     p = res.protocol
-    print(format_table(res.results, title=title))
+    split = res.scored_on.get("split", "test")
+    print(format_table(res.results, title=title, split=split))
+    if split != "test":
+        print(scored_on_line(res.scored_on))
     print(f"protocol {p['name']}: {p['epochs']} epochs ({schedule_text(p)}), lr {p['lr_used']}, batch {p['batch_size']}, "
           f"augment {p['augment_strategy']}, {p['num_models']} models per architecture, "
           f"precision {p['precision_used']}; {timing_lines(res)}")
+
+
+def scored_on_line(scored: dict) -> str:
+    """One line on a validation split a result was scored on."""
+    seen = ("never one of the set's own source images" if scored.get("set_source_images_excluded")
+            else "the set records no source images: a distilled set's method may have seen these images")
+    return (f"scored on {scored.get('images')} images ({scored.get('per_class')} per class) held out of the "
+            f"training split, seed {scored.get('seed')}, not the test split; {seen}")
 
 
 def schedule_text(p: dict) -> str:
@@ -180,10 +191,12 @@ def schedule_text(p: dict) -> str:
 
 def timing_lines(res: Any) -> str:
     """What the accuracies are of (the last epoch, or early stopping's best validation epochs) and the
-    wall times of every architecture's ensemble (training, validation inside it, test pass)."""
+    wall times of every architecture's ensemble (training, validation inside it, the pass over the
+    scored split: test, or ``--split validation``'s images)."""
     p = res.protocol
+    split = (getattr(res, "scored_on", None) or {}).get("split", "test")
     if p.get("early_stop_patience") is None:
-        out = ["test accuracy after the last epoch"]
+        out = [f"{split} accuracy after the last epoch"]
     else:
         out = [f"early stopping: patience {p['early_stop_patience']} epochs, validation every {p['val_every']} "
                f"epochs on {p.get('validation', {}).get('images', '?')} images held out of the training split; "
@@ -193,7 +206,7 @@ def timing_lines(res: Any) -> str:
                 for r in res.results if r.stop_epochs is not None]
     out += [f"wall time of {r.model} ({len(r.accuracies)} networks at once): training {r.train_seconds:.1f} s"
             + (f" (validation {r.val_seconds:.1f} s)" if r.val_seconds else "")
-            + f" over {r.epochs_trained} epochs, test pass {r.test_seconds:.1f} s"
+            + f" over {r.epochs_trained} epochs, {split} pass {r.test_seconds:.1f} s"
             for r in res.results if getattr(r, "epochs_trained", None) is not None]
     return "\n".join(out)
 

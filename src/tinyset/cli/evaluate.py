@@ -61,8 +61,8 @@ def add_early_stop_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=number(int, low=1), default=None, metavar="EPOCHS",
                    help="with early stopping: validate every this many epochs (default: the protocol's, 10)")
     p.add_argument("--val-per-class", type=number(int, low=1), default=None, metavar="N",
-                   help="with early stopping: training images per class held out for validation (default: the "
-                        "protocol's, 100)")
+                   help="with early stopping or --split validation: training images per class held out for "
+                        "validation (default: the protocol's, 100)")
 
 
 def protocol_from(args: argparse.Namespace, default: str) -> Any:
@@ -88,6 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--method random ...` then evaluate the subset with the same --teacher")
     p.add_argument("--teacher-temperature", type=number(float, low=0, low_open=True), default=1.0,
                    help="temperature T of the teacher's softmax(logits / T) (default: 1)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="the real images the trained networks are scored on: test (default) or validation, images "
+                        "held out of the training split (--val-per-class per class, seeded by --seed, never one of "
+                        "a coreset's own images). Choose settings by validation accuracy, never by test accuracy; "
+                        "the two are never put in one table")
     p.add_argument("--baseline-json", default=None, metavar="FILE",
                    help="a `tinyset baseline --json` result of the same dataset: print the training time saved, "
                         "full-set training time per network / this set's (both measured wall times)")
@@ -96,25 +101,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tinyset.evaluate import evaluate_synset
+    from tinyset.evaluate import check_split, evaluate_synset
 
     models = parse_models(args.models)
     if args.protocol is not None and registered_evaluator(args.protocol) is not None:
         return run_registered(args, models, registered_evaluator(args.protocol))
     protocol = protocol_from(args, "dsa")
+    check_split(args.split, protocol.early_stopping)
     check_distinct("--json", args.json_out, "the input", args.file)
     check_distinct("--json", args.json_out, "--baseline-json", args.baseline_json)
     check_json_out(args)
     baseline = load_baseline(args.baseline_json)
     synset = load_synset(args.file)
     teacher = load_teacher(args, synset)
-    test = load_split(args, synset.info.name, "test")
-    # early stopping validates on images held out of the real training split (never the test split)
-    train = load_split(args, synset.info.name, "train") if protocol.early_stopping else None
+    test = load_split(args, synset.info.name, "test") if args.split == "test" else None
+    # early stopping validates (and --split validation scores) on images held out of the real
+    # training split, never the test split
+    need_train = protocol.early_stopping or args.split == "validation"
+    train = load_split(args, synset.info.name, "train") if need_train else None
     res = run_with_bar(args, models, protocol, lambda **bar: evaluate_synset(
         synset, test, models, protocol, seed=args.seed, device=args.runtime.device, teacher=teacher,
-        train=train, **bar),
-        f"{args.file}: {len(synset)} images of {synset.info.name}, method {synset.meta.get('method')}",
+        train=train, split=args.split, **bar),
+        f"{args.file}: {len(synset)} images of {synset.info.name}, method {synset.meta.get('method')}"
+        + ("" if args.split == "test" else ", scored on the validation split"),
         file=str(args.file))
     if baseline is not None:
         from tinyset.evaluate.timing import format_time_saved, time_saved
@@ -132,16 +141,23 @@ def registered_evaluator(name: str) -> Any:
 
 def run_registered(args: argparse.Namespace, models: list[str], evaluator: Any) -> int:
     """``--protocol NAME`` of :data:`tinyset.evaluate.protocol.EVALUATORS`: evaluate, print, write JSON."""
-    from tinyset.evaluate import format_table
+    from tinyset.cli.common import scored_on_line
+    from tinyset.evaluate import Protocol, format_table, scored_split
 
     check_json_out(args)
     check_distinct("--json", args.json_out, "the input", args.file)
     synset = load_synset(args.file)
-    test = load_split(args, synset.info.name, "test")
-    res = evaluator(synset, test, models, args.seed, args.runtime.device, args.runtime.precision, args.num_models)
-    res.file, res.runtime = str(args.file), args.runtime.to_dict()
-    print(format_table(res.results, title=f"{args.file}: {len(synset)} images of {synset.info.name}, method "
-                                          f"{synset.meta.get('method')}"))
+    name = synset.info.name
+    test = load_split(args, name, "test") if args.split == "test" else None
+    train = load_split(args, name, "train") if args.split == "validation" else None
+    per_class = args.val_per_class or Protocol().val_per_class
+    images, scored_on = scored_split(synset, test, train, args.split, per_class, args.seed)
+    res = evaluator(synset, images, models, args.seed, args.runtime.device, args.runtime.precision, args.num_models)
+    res.file, res.runtime, res.scored_on = str(args.file), args.runtime.to_dict(), scored_on
+    print(format_table(res.results, title=f"{args.file}: {len(synset)} images of {name}, method "
+                                          f"{synset.meta.get('method')}", split=args.split))
+    if args.split != "test":
+        print(scored_on_line(scored_on))
     print(f"protocol {res.protocol['name']}: {res.protocol['source']}")
     write_result_json(args, res)
     return 0

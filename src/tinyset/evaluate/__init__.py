@@ -25,7 +25,8 @@ from tinyset.data.base import DatasetInfo, ImageDataset
 from tinyset.data.zca import Zca
 from tinyset.errors import ConfigError
 from tinyset.evaluate.krr import TARGETS_EXTRA, regression_targets, set_targets
-from tinyset.evaluate.protocol import Protocol, early_stopper, hold_out_validation, stop_record, validation_for_set
+from tinyset.evaluate.protocol import (Protocol, early_stopper, held_out_for_set, hold_out_validation, stop_record,
+                                      validation_for_set)
 from tinyset.evaluate.report import check_same_regime, comparison_table, format_table
 from tinyset.evaluate.teacher import Teacher, parse_teacher
 from tinyset.models import MODELS, create_model
@@ -231,11 +232,11 @@ def teacher_labels(synset: Any, teacher: Teacher, device: str | torch.device) ->
     return teacher.label(synset.images.to(device, torch.float32), synset.zca)
 
 
-def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("convnet",),
+def evaluate_synset(synset: Any, test: ImageDataset | None, models: Sequence[str] = ("convnet",),
                     protocol: Protocol | None = None, seed: int = 0, device: str | torch.device = "cpu",
                     progress: EpochProgress | None = None, step_progress: StepProgress | None = None,
                     test_progress: TestProgress | None = None, teacher: Teacher | None = None,
-                    train: ImageDataset | None = None) -> EvaluationResult:
+                    train: ImageDataset | None = None, split: str = "test") -> EvaluationResult:
     """Evaluate a :class:`tinyset.synset.SyntheticSet` on the real test split ``test``.
 
     As :func:`evaluate_tensors`: trains on the set's stored labels (soft cross-entropy for soft
@@ -248,8 +249,15 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
     that stops early: its validation split is held out of it (never containing the set's own source
     images, :func:`~tinyset.evaluate.protocol.validation_for_set`) and recorded as
     ``protocol["validation"]``.
+
+    ``split="validation"`` scores the networks on images held out of the real training split
+    ``train`` instead (``protocol.val_per_class`` per class, :func:`~tinyset.evaluate.protocol.
+    held_out_for_set`; ``test`` is not used and may be None): the accuracy to choose settings by,
+    which the test split never is. The result's ``scored_on`` records which split it was.
     """
     protocol = protocol or Protocol.preset("dsa")
+    test, scored_on = scored_split(synset, test, train, split, protocol.val_per_class, seed,
+                                   early_stopping=protocol.early_stopping)
     val, val_desc = validation_for_set(synset, train, protocol, seed)
     labels, regime = synset.labels, None
     if teacher is None and protocol.loss == "mse" and TARGETS_EXTRA in (getattr(synset, "extras", None) or {}):
@@ -269,7 +277,40 @@ def evaluate_synset(synset: Any, test: ImageDataset, models: Sequence[str] = ("c
         res.protocol["teacher"] = teacher.describe()
     res.set = {"method": synset.meta.get("method"), "ipc": synset.ipc, "num_images": len(synset),
                "meta": synset.meta}
+    res.scored_on = scored_on
     return res
+
+
+#: the real images an evaluation can score its networks on
+SPLITS = ("test", "validation")
+
+
+def check_split(split: str, early_stopping: bool = False) -> None:
+    """Refuse an unknown ``split``, and the validation split under an early-stopping protocol."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "validation" and early_stopping:
+        raise ConfigError("an early-stopping protocol chooses each network's epoch on the validation split; "
+                          "scoring on that split as well would report the accuracy it was chosen by. Use a "
+                          "protocol without early stopping (e.g. dsa) with --split validation")
+
+
+def scored_split(synset: Any, test: ImageDataset | None, train: ImageDataset | None, split: str, per_class: int,
+                 seed: int, early_stopping: bool = False) -> tuple[ImageDataset, dict[str, Any]]:
+    """``(images to score on, the result's scored_on record)`` for ``split`` (:data:`SPLITS`): the
+    test split ``test``, or ``per_class`` images of every class held out of the training split
+    ``train`` for ``synset`` (:func:`~tinyset.evaluate.protocol.held_out_for_set`)."""
+    check_split(split, early_stopping)
+    if split == "test":
+        if test is None:
+            raise ConfigError("scoring on the test split needs the test split (test=...)")
+        return test, {"split": "test"}
+    if train is None:
+        raise ConfigError("scoring on the validation split needs the real training split (train=...): the "
+                          "validation images are held out of it")
+    val, desc = held_out_for_set(synset, train, per_class, seed)
+    desc["description"] = desc.pop("split")
+    return val, {"split": "validation", **desc}
 
 
 def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str] = ("convnet",),
@@ -298,4 +339,5 @@ def evaluate_full(train: ImageDataset, test: ImageDataset, models: Sequence[str]
 
 __all__ = ["Protocol", "evaluate_synset", "evaluate_tensors", "evaluate_full", "format_table", "check_models",
            "settings_for", "make_augment", "train_ensemble", "test_accuracy", "TrainSettings", "label_regime",
-           "test_images", "teacher_labels", "regression_targets", "Teacher", "parse_teacher", "comparison_table", "check_same_regime"]
+           "test_images", "teacher_labels", "regression_targets", "Teacher", "parse_teacher", "comparison_table", "check_same_regime",
+           "SPLITS", "check_split", "scored_split"]

@@ -209,20 +209,22 @@ def validation_seed(seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
-def hold_out_validation(train: ImageDataset, protocol: Protocol, seed: int, exclude: Sequence[int] = (),
+def hold_out_validation(train: ImageDataset, protocol: Protocol | int, seed: int, exclude: Sequence[int] = (),
                         what: str = "the set") -> tuple[ImageDataset, ImageDataset, dict[str, Any]]:
-    """The validation split of an early-stopping evaluation, held out of the real training split.
+    """The validation split of an evaluation (for early stopping, or to score on), held out of the
+    real training split.
 
     ``exclude``: indices into ``train`` that may not be validation images (the real images a
     coreset was selected from, ``meta["source_indices"]``): they are removed first. From the rest,
-    ``protocol.val_per_class`` images of every class are drawn with :func:`validation_seed`
-    (:func:`tinyset.data.split_validation`). Returns ``(rest, val, description)``: ``rest`` is the
-    training split without the validation images and without ``exclude`` (what the full-data
-    baseline trains on), ``description`` what the result records.
+    ``protocol.val_per_class`` images of every class (``protocol`` may be that number itself) are
+    drawn with :func:`validation_seed` (:func:`tinyset.data.split_validation`). Returns ``(rest,
+    val, description)``: ``rest`` is the training split without the validation images and without
+    ``exclude`` (what the full-data baseline trains on), ``description`` what the result records.
     """
     if train.split != "train":
-        raise ConfigError(f"the validation split of early stopping is held out of the training split; "
+        raise ConfigError(f"the validation split is held out of the training split; "
                           f"got the {train.split!r} split of {train.info.name}")
+    per_class = protocol if isinstance(protocol, int) else protocol.val_per_class
     n = len(train)
     idx = torch.as_tensor(list(exclude), dtype=torch.int64)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
@@ -234,9 +236,9 @@ def hold_out_validation(train: ImageDataset, protocol: Protocol, seed: int, excl
     pool = train if bool(keep.all()) else ImageDataset(train.info, train.split, train.images[keep],
                                                        train.labels[keep], train.source)
     vseed = validation_seed(seed)
-    rest, val = split_validation(pool, protocol.val_per_class, make_generator(vseed))
+    rest, val = split_validation(pool, per_class, make_generator(vseed))
     desc = {"split": f"validation, held out of the training split of {train.info.name}",
-            "per_class": protocol.val_per_class, "images": len(val), "seed": vseed,
+            "per_class": per_class, "images": len(val), "seed": vseed,
             "excluded_set_images": int(n - int(keep.sum()))}
     return rest, val, desc
 
@@ -258,14 +260,24 @@ def validation_for_set(synset: Any, train: ImageDataset | None, protocol: Protoc
                        ) -> tuple[ImageDataset | None, dict[str, Any] | None]:
     """The validation split for evaluating ``synset`` under ``protocol``: ``(None, None)`` when the
     protocol does not stop early or no training split is given (:func:`early_stopper` then says
-    what is missing). A set selected from the training split (``meta["source_indices"]``, e.g. a
-    coreset) never has its own images in the validation split."""
+    what is missing); else :func:`held_out_for_set`."""
     if not protocol.early_stopping or train is None:
         return None, None
+    return held_out_for_set(synset, train, protocol.val_per_class, seed)
+
+
+def held_out_for_set(synset: Any, train: ImageDataset, per_class: int, seed: int
+                     ) -> tuple[ImageDataset, dict[str, Any]]:
+    """``(val, description)``: ``per_class`` images of every class held out of the real training
+    split ``train`` (:func:`hold_out_validation`, seeded by the evaluation ``seed``), never one of
+    the set's own source images (``meta["source_indices"]`` of a set selected from the training
+    split, e.g. a coreset). A distilled set records no source images: its method saw the whole
+    training split, these images included (the description says so)."""
     meta = getattr(synset, "meta", {}) or {}
     exclude = (meta.get("source_indices") or ()) if meta.get("source_split", "train") == "train" else ()
-    _, val, desc = hold_out_validation(train, protocol, seed, exclude,
+    _, val, desc = hold_out_validation(train, per_class, seed, exclude,
                                        what=f"the set (method {meta.get('method')}, source_indices)")
+    desc["set_source_images_excluded"] = bool(meta.get("source_indices"))
     return val, desc
 
 

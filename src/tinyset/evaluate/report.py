@@ -3,7 +3,8 @@
 Every row names its label regime (``hard``, ``learned (...)``, ``teacher (...)``; see
 :func:`tinyset.evaluate.label_regime`). Accuracies under different regimes are not comparable (a
 random subset with a teacher's soft labels comes close to distilled data with hard labels), so
-:func:`comparison_table`, which puts several evaluations side by side, refuses to mix them.
+:func:`comparison_table`, which puts several evaluations side by side, refuses to mix them; nor
+does it mix accuracies measured on the test split with those on a validation split (``scored_on``).
 """
 from __future__ import annotations
 
@@ -36,10 +37,16 @@ def _accuracy(row: Any) -> str:
     return f"{100 * _field(row, 'mean'):.2f} ± {100 * _field(row, 'std'):.2f}"
 
 
-def format_table(rows: Sequence[ModelScore | Mapping[str, Any]], title: str = "") -> str:
+def _split(res: Any) -> str:
+    """The split a result's networks were scored on (``test`` for results written before it was recorded)."""
+    return str((_field(res, "scored_on", None) or {}).get("split", "test"))
+
+
+def format_table(rows: Sequence[ModelScore | Mapping[str, Any]], title: str = "", split: str = "test") -> str:
     """:class:`~tinyset.results.ModelScore` rows (or dicts with the same keys) -> aligned text table,
-    with the label regime of every row (``unrecorded`` for results written before it was recorded)."""
-    head = ("model", "test acc (%)", "models", "train s/model", "labels")
+    with the label regime of every row (``unrecorded`` for results written before it was recorded).
+    ``split``: the real images the accuracies were measured on (the column's name)."""
+    head = ("model", f"{split} acc (%)", "models", "train s/model", "labels")
     body = [(str(_field(r, "model")), _accuracy(r), str(len(_field(r, "accuracies"))),
              f"{_field(r, 'seconds_per_model'):.1f}", _regime(r)) for r in rows]
     return _align(head, body, title)
@@ -64,6 +71,19 @@ def check_same_regime(results: Sequence[EvaluationResult | Mapping[str, Any]],
     return next(iter(seen))
 
 
+def check_same_split(results: Sequence[EvaluationResult | Mapping[str, Any]], names: Sequence[str]) -> str:
+    """The one split every result was scored on (``scored_on``); :class:`ConfigError` naming each
+    result's split when they differ (a validation accuracy is not a test accuracy)."""
+    seen: dict[str, list[str]] = {}
+    for name, res in zip(names, results):
+        seen.setdefault(_split(res), []).append(name)
+    if len(seen) > 1:
+        listing = "; ".join(f"{split}: {', '.join(who)}" for split, who in seen.items())
+        raise ConfigError(f"cannot compare accuracies measured on different splits ({listing}); evaluate every "
+                          f"set with the same --split")
+    return next(iter(seen))
+
+
 def _name(res: Any, i: int) -> str:
     file = _field(res, "file")
     method = (_field(res, "set", {}) or {}).get("method")
@@ -82,7 +102,8 @@ def comparison_table(results: Sequence[EvaluationResult | Mapping[str, Any]],
         raise ConfigError(f"comparison_table: {len(results)} results but {len(names)} names")
     labels = list(names) if names is not None else [_name(r, i) for i, r in enumerate(results)]
     regime = check_same_regime(results, labels)
-    head = ("set", "images", "model", "test acc (%)", "models", "protocol")
+    split = check_same_split(results, labels)
+    head = ("set", "images", "model", f"{split} acc (%)", "models", "protocol")
     body = []
     for label, res in zip(labels, results):
         protocol = (_field(res, "protocol", {}) or {}).get("name", "?")
@@ -93,4 +114,4 @@ def comparison_table(results: Sequence[EvaluationResult | Mapping[str, Any]],
     return _align(head, body, heading)
 
 
-__all__ = ["format_table", "comparison_table", "check_same_regime"]
+__all__ = ["format_table", "comparison_table", "check_same_regime", "check_same_split"]

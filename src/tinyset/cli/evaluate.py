@@ -1,4 +1,5 @@
-"""``tinyset evaluate``: train fresh networks on a synthetic-set file and report test accuracy."""
+"""``tinyset evaluate``: train fresh networks on a synthetic-set file and report their test accuracy
+(or, with ``--split validation``, their accuracy on images held out of the training split)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from tinyset.cli.common import (add_data_options, add_force, add_runtime_options
                                 evaluation_bar, load_split, load_synset, number, parse_models, print_evaluation,
                                 write_result_json)
 
-HELP = "train fresh networks on a synthetic-set file, report test accuracy"
+HELP = "train fresh networks on a synthetic-set file, report test accuracy (or validation accuracy: --split validation)"
 
 #: one wording of the schedule, used by every help text (it is what Protocol.train_epochs/decay_epoch do)
 SCHEDULE_HELP = ("training epochs (default: the protocol's); the dsa and noaug protocols follow upstream's "

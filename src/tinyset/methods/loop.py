@@ -192,12 +192,17 @@ def method_precision(cls: type[Distiller], requested: str, device: torch.device 
 BEST = "best.safetensors"
 
 
+def _beats(evaluation: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether a validation evaluation makes a new best set: a strictly higher mean (the earliest wins ties)."""
+    return best is None or evaluation["mean"] > best["mean"]
+
+
 def _best_evaluation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The validation evaluation the best set came from: the highest mean, the earliest on ties."""
     best = None
     for r in records:
         ev = r.get("eval")
-        if ev is not None and (best is None or ev["mean"] > best["mean"]):
+        if ev is not None and _beats(ev, best):
             best = {**ev, "iteration": r["iteration"]}
     return best
 
@@ -347,7 +352,7 @@ def _run(impl: Distiller, config: Resolved, identity: dict[str, Any], train: Ima
                     r = res.results[0]
                     last_eval = {"split": "validation", "protocol": "quick", "mean": r.mean, "std": r.std}
                     rec["eval"] = last_eval
-                    if best is None or r.mean > best["mean"]:
+                    if _beats(last_eval, best):
                         best = {**last_eval, "iteration": it}
                         impl.synset(set_meta(it, chosen_by=best)).save(out / BEST)
                 log.write(json.dumps(rec) + "\n")

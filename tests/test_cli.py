@@ -11,7 +11,7 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("datasets", "select", "distill", "evaluate", "baseline", "show", "export", "models"):
+    for cmd in ("datasets", "select", "distill", "evaluate", "baseline", "show", "export", "models", "sample"):
         assert cmd in out
 
 

@@ -21,9 +21,11 @@ from tinyset.registry import Registry
 
 #: subcommand name -> module path (in the order ``--help`` lists them)
 COMMANDS: Registry = Registry("command")
-for _name in ("datasets", "models", "methods", "select", "experts", "distill", "evaluate", "baseline", "show", "export"):
+for _name in ("datasets", "models", "methods", "select", "experts", "distill", "sample", "evaluate", "baseline", "show",
+              "export"):
     COMMANDS.register(_name, f"tinyset.cli.{_name}", help=f"tinyset {_name}")
-_ORDER = ("datasets", "models", "methods", "select", "experts", "distill", "evaluate", "baseline", "show", "export")
+_ORDER = ("datasets", "models", "methods", "select", "experts", "distill", "sample", "evaluate", "baseline", "show",
+          "export")
 
 EPILOG = """examples:
   tinyset distill --method dm --dataset digits --ipc 10          # no download, well under a minute

@@ -63,11 +63,14 @@ set's metadata records the mean pixel error of the projections and where the ima
 
 **Run folder** (besides the loop's files): with ``refine=project`` also ``samples.safetensors``, the
 unrefined set of the same generator (what ``refine=none`` would give); ``generator.safetensors``, the generator's weights with
-a JSON header (dataset, architecture, sample seed, iteration; safetensors, never pickle), and
+a JSON header (dataset, architecture, sample seed, iteration, the filter classifier's seed; safetensors, never
+pickle) and the discriminator's weights, and
 ``samples/iter_NNNNNN.png``, a grid of a fixed set of latents (one row per class), both written
 every ``sample_every`` iterations and at the end. :func:`load_generator` reads the file back; any
 method can start from it with ``init=gan:PATH`` (``ipc`` samples per class from the file's sample
-seed: the GAN run's unfiltered set).
+seed: the GAN run's unfiltered set). :func:`sample_generator` (``tinyset sample``) draws a set of any
+``ipc`` from the file, filtered or not, without training the GAN again; with the run's ``ipc`` and
+filter settings it is the run's own set.
 """
 from __future__ import annotations
 
@@ -76,13 +79,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyset.data.base import DatasetInfo
+from tinyset.data.base import DatasetInfo, RealPool
 from tinyset.errors import ArtifactError, ConfigError
 from tinyset.methods import METHODS
 from tinyset.methods.base import (DistillConfig, Distiller, InitSource, Row, Rule, Table, check_init_images, hp,
@@ -258,6 +261,54 @@ def keep_best(scores: torch.Tensor, num_classes: int, per_class: int, keep: int)
     return (order + torch.arange(num_classes).unsqueeze(1) * per_class).reshape(-1)
 
 
+def draw_set(g: Generator, num_classes: int, ipc: int, seed: int,
+             score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             candidates: int = 1) -> torch.Tensor:
+    """``ipc`` samples of every class, class by class (normalised, on CPU), from latents seeded ``seed``.
+    With ``score`` (higher is better): ``candidates * ipc`` samples per class, of which the ``ipc``
+    best of each class are kept (:func:`keep_best`)."""
+    if score is None:
+        return generate(g, class_blocks(num_classes, ipc), seed).cpu()
+    per_class = ipc * candidates
+    labels = class_blocks(num_classes, per_class)
+    pool = generate(g, labels, seed)
+    keep = keep_best(score(pool, labels), num_classes, per_class, ipc)
+    return pool[keep.to(pool.device)].cpu()
+
+
+def train_filter_classifier(pool: RealPool, model: str, per_class: int, epochs: int, seed: int,
+                            device: str | torch.device = "cpu", precision: str = "fp32") -> nn.Module:
+    """The classifier of ``filter=classifier``: ``model`` trained for ``epochs`` epochs of the shared
+    SGD loop (lr 0.01, batch 256) on ``per_class`` random real images of every class (fewer if a class
+    has fewer); images and weights drawn from ``seed``. Returned in eval mode."""
+    from tinyset.models import create_model
+    from tinyset.training import TrainSettings, train_ensemble
+
+    info, g = pool.info, make_generator(seed)
+    images, labels = pool.sample_classes(min([per_class, *pool.counts]), g)
+    net = create_model(model, info.channels, info.num_classes, info.image_size, generator=g, device=device)
+    settings = TrainSettings(epochs=epochs, lr=0.01, batch_size=256, precision=precision)
+    with torch.enable_grad():  # callers may sample under no_grad
+        train_ensemble(net, images, labels, settings, g)
+    return net.eval()
+
+
+@torch.no_grad()
+def filter_scores(kind: str, images: torch.Tensor, labels: torch.Tensor, *, discriminator: nn.Module | None = None,
+                  classifier: nn.Module | None = None) -> torch.Tensor:
+    """How good each sample is for its class (higher is better), in chunks of ``GENERATE_CHUNK``:
+    ``D(x, y)`` for ``discriminator`` (its class-spread feature sees the chunk), ``log p(y | x)`` of
+    the classifier for ``classifier``."""
+    labels = labels.to(images.device)
+    chunks = range(0, len(labels), GENERATE_CHUNK)
+    if kind == "discriminator":
+        return torch.cat([discriminator(images[i:i + GENERATE_CHUNK], labels[i:i + GENERATE_CHUNK]) for i in chunks])
+    if kind == "classifier":
+        logp = torch.cat([F.log_softmax(classifier(images[i:i + GENERATE_CHUNK]).float(), dim=1) for i in chunks])
+        return logp.gather(1, labels.view(-1, 1)).squeeze(1)
+    raise ConfigError(f"filter {kind!r} scores nothing; expected one of {', '.join(FILTERS[1:])}")
+
+
 def project(g: Generator, images: torch.Tensor, labels: torch.Tensor, *, steps: int, lr: float, restarts: int,
             prior: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GAN inversion (see the module docstring): ``G(z*, y)`` for every image and its pixel error
@@ -302,8 +353,11 @@ def project(g: Generator, images: torch.Tensor, labels: torch.Tensor, *, steps: 
 
 # ---------------------------------------------------------------------------------- generator file
 def save_generator(path: Path, g: Generator, info: DatasetInfo, architecture: dict[str, int], sample_seed: int,
-                   iteration: int, meta: dict[str, Any] | None = None) -> Path:
-    """Write the generator's weights (and BatchNorm statistics) with a JSON header, atomically."""
+                   iteration: int, meta: dict[str, Any] | None = None, discriminator: Discriminator | None = None,
+                   filter_seed: int | None = None) -> Path:
+    """Write the generator's weights (and BatchNorm statistics) with a JSON header, atomically; with
+    ``discriminator`` its weights too (for ``filter=discriminator`` when sampling from the file) and
+    with ``filter_seed`` the seed of the run's filter classifier."""
     from safetensors.torch import save_file
 
     from tinyset import __version__
@@ -313,6 +367,12 @@ def save_generator(path: Path, g: Generator, info: DatasetInfo, architecture: di
               "architecture": dict(architecture), "sample_seed": int(sample_seed), "iteration": int(iteration),
               "meta": dict(meta or {}), "tinyset_version": __version__}
     tensors = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in g.state_dict().items()}
+    if discriminator is not None:
+        header["discriminator"] = {"pool_mean": bool(getattr(discriminator, "pool_mean", False))}
+        tensors.update({f"discriminator.{k}": v.detach().cpu().contiguous()
+                        for k, v in discriminator.state_dict().items()})
+    if filter_seed is not None:
+        header["filter_seed"] = int(filter_seed)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"tinyset": json.dumps(header)})
     return Path(path)
@@ -349,9 +409,14 @@ def read_generator_header(path: str | Path) -> tuple[dict[str, Any], DatasetInfo
             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in arch.values())):
         raise ArtifactError(f"{path}: header 'architecture' must give z_dim, width and embed_dim as integers in "
                             f"[1, 65536], got {arch!r}")
-    seed = header.get("sample_seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ArtifactError(f"{path}: header 'sample_seed' must be an integer in [0, 2^64), got {seed!r}")
+    for key in ("sample_seed", "filter_seed"):
+        seed = header.get(key)
+        if (key in header or key == "sample_seed") and (not isinstance(seed, int) or isinstance(seed, bool)
+                                                        or not 0 <= seed < 2**64):
+            raise ArtifactError(f"{path}: header {key!r} must be an integer in [0, 2^64), got {seed!r}")
+    disc = header.get("discriminator")
+    if disc is not None and (not isinstance(disc, dict) or not isinstance(disc.get("pool_mean"), bool)):
+        raise ArtifactError(f"{path}: header 'discriminator' must be {{\"pool_mean\": true|false}}, got {disc!r}")
     try:
         info = DatasetInfo.from_dict(header["info"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -364,24 +429,109 @@ def build_generator(info: DatasetInfo, architecture: dict[str, int]) -> Generato
                      architecture["embed_dim"], info.mean, info.std)
 
 
-def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any], DatasetInfo]:
-    """The generator of a file written by a GAN run (on CPU, eval mode), its header and dataset."""
+def _load_weights(path: str | Path, net: nn.Module, prefix: str, what: str) -> nn.Module:
+    """``net`` with the tensors of ``path`` named ``prefix.*``, checked (shapes, finite), in eval mode."""
     from safetensors import safe_open
 
-    header, info = read_generator_header(path)
-    g = build_generator(info, header["architecture"])
     try:
         with safe_open(str(path), framework="pt") as f:
-            prefix = "generator."
-            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        g.load_state_dict(state)
+            state = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+        net.load_state_dict(state)
     except RuntimeError as exc:
-        raise ArtifactError(f"{path}: the weights do not fit the architecture in the header "
+        raise ArtifactError(f"{path}: the {what}'s weights do not fit the architecture in the header "
                             f"({str(exc).splitlines()[0]})") from None
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):
-        raise ArtifactError(f"{path}: the generator's weights contain NaN/inf")
-    g.eval()
+        raise ArtifactError(f"{path}: the {what}'s weights contain NaN/inf")
+    return net.eval()
+
+
+def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any], DatasetInfo]:
+    """The generator of a file written by a GAN run (on CPU, eval mode), its header and dataset."""
+    header, info = read_generator_header(path)
+    g = _load_weights(path, build_generator(info, header["architecture"]), "generator", "generator")
     return g, header, info
+
+
+def load_discriminator(path: str | Path) -> Discriminator:
+    """The discriminator stored beside the generator (on CPU, eval mode); files written before
+    discriminators were stored have none (an :class:`ArtifactError` says so)."""
+    header, info = read_generator_header(path)
+    if "discriminator" not in header:
+        raise ArtifactError(f"{path}: this generator file holds no discriminator (files written before tinyset stored "
+                            f"it, or not by a GAN run); sample with filter none or classifier")
+    d = Discriminator(info.channels, info.num_classes, header["architecture"]["width"])
+    d.pool_mean = header["discriminator"]["pool_mean"]
+    return _load_weights(path, d, "discriminator", "discriminator")
+
+
+# ---------------------------------------------------------------------------------- sampling a file
+@dataclass(frozen=True)
+class FilterSettings:
+    """How :func:`sample_generator` keeps the best of ``candidates`` samples per image (the GAN's own
+    ``filter*`` settings; ``seed`` None: the file's ``filter_seed``, else 0)."""
+
+    kind: str = "none"
+    candidates: int = 4
+    model: str = "convnet-w32"
+    epochs: int = 10
+    per_class: int = 200
+    seed: int | None = None
+
+
+def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = None,
+                     filtering: FilterSettings = FilterSettings(), train: Any = None,
+                     device: str | torch.device = "cpu", precision: str = "fp32") -> Any:
+    """A synthetic set of ``ipc`` samples per class from a generator file, without training anything
+    but (for ``filtering.kind == "classifier"``) the filter classifier on ``train`` (the training split
+    of the file's dataset). ``sample_seed`` None uses the file's: with the run's ``ipc`` and filter
+    settings that is the run's own set, image for image. Hard labels."""
+    from tinyset.models import MODELS
+    from tinyset.synset import SyntheticSet
+
+    if ipc < 1:
+        raise ConfigError(f"ipc must be >= 1, got {ipc}")
+    if filtering.kind not in FILTERS:
+        raise ConfigError(f"filter {filtering.kind!r} is unknown; expected one of {', '.join(FILTERS)}")
+    if filtering.candidates < 1:
+        raise ConfigError(f"candidates must be >= 1, got {filtering.candidates}")
+    if filtering.kind == "classifier":
+        if filtering.model not in MODELS:
+            raise ConfigError(f"filter model {filtering.model!r} is not a registered architecture; known: "
+                              f"{', '.join(MODELS.names())}")
+        if train is None:
+            raise ConfigError("filter classifier trains on real images: pass the training split of the file's dataset")
+    start = time.perf_counter()
+    g, header, info = load_generator(path)
+    if train is not None and train.info.to_dict() != info.to_dict():
+        raise ConfigError(f"{path}: the generator was trained on {info.name} ({info.num_classes} classes, "
+                          f"{info.channels}x{info.image_size[0]}x{info.image_size[1]}), the data given is "
+                          f"{train.info.name} ({train.info.num_classes} classes, {train.info.channels}x"
+                          f"{train.info.image_size[0]}x{train.info.image_size[1]})")
+    device = torch.device(device)
+    g = g.to(device)
+    seed = header["sample_seed"] if sample_seed is None else int(sample_seed)
+    record: dict[str, Any] = {"generator_file": str(path), "generator_iteration": header.get("iteration"),
+                              "sample_seed": seed, "filter": filtering.kind, "architecture": header["architecture"],
+                              "refine": "none"}
+    score = None
+    if filtering.kind == "discriminator":
+        d = load_discriminator(path).to(device)
+        score = lambda x, y: filter_scores("discriminator", x, y, discriminator=d)  # noqa: E731
+    elif filtering.kind == "classifier":
+        fseed = filtering.seed if filtering.seed is not None else header.get("filter_seed", 0)
+        net = train_filter_classifier(RealPool(train, device), filtering.model, filtering.per_class,
+                                      filtering.epochs, fseed, device, precision)
+        score = lambda x, y: filter_scores("classifier", x, y, classifier=net)  # noqa: E731
+        record.update({"filter_model": filtering.model, "filter_epochs": filtering.epochs,
+                       "filter_per_class": filtering.per_class, "filter_seed": fseed})
+    if score is not None:
+        record["candidates"] = filtering.candidates
+    images = draw_set(g, info.num_classes, ipc, seed, score, filtering.candidates)
+    meta = {"method": "gan", "sampled_from_generator": True, "seconds": time.perf_counter() - start, "gan": record}
+    run_config = header.get("meta", {}).get("config") if isinstance(header.get("meta"), dict) else None
+    if isinstance(run_config, dict):
+        meta["generator_run_config"] = run_config
+    return SyntheticSet(images, class_blocks(info.num_classes, ipc), info, meta=meta)
 
 
 # ---------------------------------------------------------------------------------- init=gan:PATH
@@ -545,33 +695,17 @@ class GAN(Distiller):
     def classifier(self) -> nn.Module:
         """The filter classifier, trained once (on ``filter_per_class`` real images per class, its own seed)."""
         if self._classifier is None:
-            from tinyset.models import create_model
-            from tinyset.training import TrainSettings, train_ensemble
-
-            cfg, info = self.cfg, self.info
-            g = make_generator(self.filter_seed)
-            n = min([cfg.filter_per_class, *self.pool.counts])
-            images, labels = self.pool.sample_classes(n, g)
-            net = create_model(cfg.filter_model, info.channels, info.num_classes, info.image_size,
-                               generator=g, device=self.device)
-            settings = TrainSettings(epochs=cfg.filter_epochs, lr=0.01, batch_size=256, precision=self.precision)
-            with torch.enable_grad():  # scores() runs without autograd
-                train_ensemble(net, images, labels, settings, g)
-            net.eval()
-            self._classifier = net
+            cfg = self.cfg
+            self._classifier = train_filter_classifier(self.pool, cfg.filter_model, cfg.filter_per_class,
+                                                       cfg.filter_epochs, self.filter_seed, self.device,
+                                                       self.precision)
         return self._classifier
 
-    @torch.no_grad()
     def scores(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """How good each sample is for its class under ``filter`` (higher is better)."""
-        labels = labels.to(self.device)
         if self.cfg.filter == "discriminator":
-            return torch.cat([self.d(images[i:i + GENERATE_CHUNK], labels[i:i + GENERATE_CHUNK])
-                              for i in range(0, len(labels), GENERATE_CHUNK)])
-        net = self.classifier()
-        logp = torch.cat([F.log_softmax(net(images[i:i + GENERATE_CHUNK]).float(), dim=1)
-                          for i in range(0, len(labels), GENERATE_CHUNK)])
-        return logp.gather(1, labels.view(-1, 1)).squeeze(1)
+            return filter_scores("discriminator", images, labels, discriminator=self.d)
+        return filter_scores("classifier", images, labels, classifier=self.classifier())
 
     def synthesize(self, final: bool = False) -> torch.Tensor:
         """``ipc`` samples per class (normalised, on CPU), filtered as ``filter`` says; with
@@ -587,12 +721,8 @@ class GAN(Distiller):
             self.refine_seconds = time.perf_counter() - start
             return images
         if self.cfg.filter == "none":
-            return generate(self.g, self.hard_labels(), self.sample_seed).cpu()
-        per_class = ipc * self.cfg.candidates
-        labels = class_blocks(k, per_class)
-        pool = generate(self.g, labels, self.sample_seed)
-        keep = keep_best(self.scores(pool, labels), k, per_class, ipc)
-        return pool[keep.to(pool.device)].cpu()
+            return draw_set(self.g, k, ipc, self.sample_seed)
+        return draw_set(self.g, k, ipc, self.sample_seed, self.scores, self.cfg.candidates)
 
     def to_synset(self, meta: dict[str, Any]) -> Any:
         from tinyset.synset import SyntheticSet
@@ -622,7 +752,8 @@ class GAN(Distiller):
         from tinyset.viz import save_grid
 
         save_generator(Path(out_dir) / GENERATOR_FILE, self.g, self.info, self.architecture, self.sample_seed,
-                       iteration, {"method": self.name, "config": self.cfg.to_dict()})
+                       iteration, {"method": self.name, "config": self.cfg.to_dict()}, discriminator=self.d,
+                       filter_seed=self.filter_seed)
         if final and self._targets is not None:  # the plain GAN set of the same generator, for comparison
             samples = generate(self.g, self.hard_labels(), self.sample_seed).cpu()
             SyntheticSet(samples, self.hard_labels(), self.info,
@@ -638,4 +769,5 @@ class GAN(Distiller):
 
 
 __all__ = ["GAN", "GANConfig", "Generator", "Discriminator", "generate", "project", "load_generator", "save_generator",
-           "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE", "SAMPLES_FILE"]
+           "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE", "SAMPLES_FILE", "draw_set",
+           "filter_scores", "train_filter_classifier", "load_discriminator", "FilterSettings", "sample_generator"]

@@ -1,0 +1,82 @@
+"""``tinyset sample``: a synthetic set drawn from the generator file of a GAN run, at any ipc,
+optionally filtered, without training the GAN again."""
+from __future__ import annotations
+
+import argparse
+
+from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_distinct, check_json_out,
+                                load_split, number)
+
+HELP = "draw a synthetic set from a GAN run's generator file (any ipc, optional filter) without retraining"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tinyset.methods.gan import FILTERS, FilterSettings
+
+    d = FilterSettings()
+    p.add_argument("generator", help="a generator file (RUN/generator.safetensors of `tinyset distill --method gan`)")
+    p.add_argument("--ipc", type=number(int, low=1), required=True, help="images per class")
+    p.add_argument("--out", required=True, help="output .safetensors synthetic-set file")
+    p.add_argument("--sample-seed", type=number(int, low=0, high=2**63 - 1), default=None,
+                   help="seed of the latents (default: the file's sample seed; with the run's ipc and filter this "
+                        "gives the run's own set)")
+    p.add_argument("--filter", choices=FILTERS, default=d.kind,
+                   help="keep the best of --candidates samples per image: none; discriminator (highest D(x, y); "
+                        "needs a file that stores the discriminator); classifier (highest log p(y|x) of a "
+                        "classifier trained briefly on real training images; reads the dataset)")
+    p.add_argument("--candidates", type=number(int, low=1, high=1000), default=d.candidates,
+                   help=f"samples generated per kept image when filtering (default: {d.candidates})")
+    p.add_argument("--filter-model", default=d.model,
+                   help=f"architecture of the filter classifier (default: {d.model}; see `tinyset models`)")
+    p.add_argument("--filter-epochs", type=number(int, low=1, high=10000), default=d.epochs,
+                   help=f"epochs of the filter classifier (default: {d.epochs})")
+    p.add_argument("--filter-per-class", type=number(int, low=1), default=d.per_class,
+                   help=f"real training images per class the filter classifier trains on (default: {d.per_class})")
+    p.add_argument("--filter-seed", type=number(int, low=0, high=2**63 - 1), default=None,
+                   help="seed of the filter classifier's images and weights (default: the run's, stored in the "
+                        "file, else 0)")
+    p.add_argument("--dataset", default=None,
+                   help="where the filter classifier's real images come from (default: the dataset named in the file)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write what was sampled (settings, time) as JSON")
+    add_force(p, "--out / --json file")
+    add_data_options(p)
+    add_runtime_options(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tinyset.errors import ConfigError
+    from tinyset.files import check_output_file, write_json
+    from tinyset.methods.gan import FilterSettings, read_generator_header, sample_generator
+    from tinyset.models import MODELS
+
+    check_distinct("--out", args.out, "the generator file", args.generator)
+    check_output_file(args.out, force=args.force, flag="--out")
+    check_distinct("--json", args.json_out, "--out", args.out)
+    check_json_out(args)
+    header, info = read_generator_header(args.generator)
+    if args.filter == "discriminator" and "discriminator" not in header:
+        raise ConfigError(f"--filter discriminator: {args.generator} stores no discriminator (written before tinyset "
+                          f"stored it); use --filter classifier or none")
+    if args.filter == "classifier" and args.filter_model not in MODELS:
+        raise ConfigError(f"--filter-model {args.filter_model!r} is not a registered architecture; known: "
+                          f"{', '.join(MODELS.names())}")
+    train = load_split(args, args.dataset or info.name, "train") if args.filter == "classifier" else None
+    rt = args.runtime
+    filtering = FilterSettings(args.filter, args.candidates, args.filter_model, args.filter_epochs,
+                               args.filter_per_class, args.filter_seed)
+    synset = sample_generator(args.generator, args.ipc, sample_seed=args.sample_seed, filtering=filtering, train=train,
+                              device=rt.device, precision=rt.precision)
+    synset.save(args.out)
+    record = synset.meta["gan"]
+    how = "" if args.filter == "none" else f", best of {args.candidates} by the {args.filter}"
+    print(f"sampled {len(synset)} images ({args.ipc} per class) of {info.name} from {args.generator} (iteration "
+          f"{record['generator_iteration']}, sample seed {record['sample_seed']}{how}) in "
+          f"{synset.meta['seconds']:.1f} s: {args.out}")
+    if args.json_out is not None:
+        write_json(args.json_out, {"file": str(args.out), "ipc": args.ipc, "dataset": info.name,
+                                   "runtime": rt.to_dict(), **{k: synset.meta[k] for k in ("seconds", "gan")}})
+        print(f"results written to {args.json_out}")
+    return 0
+
+
+__all__ = ["add_arguments", "run", "HELP"]

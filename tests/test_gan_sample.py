@@ -1,0 +1,146 @@
+"""`tinyset sample`: a synthetic set drawn from a GAN run's generator file at any ipc, optionally
+filtered, without retraining. With the run's ipc and filter settings it is the run's own set, image
+for image (the discriminator and the filter classifier's seed are stored in the file)."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_dataset
+from tinyset.cli import main
+from tinyset.data import load_dataset
+from tinyset.errors import ArtifactError, ConfigError
+from tinyset.methods.gan import (GENERATOR_FILE, FilterSettings, class_blocks, generate, load_discriminator,
+                                 load_generator, read_generator_header, sample_generator, save_generator)
+from tinyset.methods.loop import distill
+from tinyset.synset import SyntheticSet
+
+SMALL = {"width": "4", "z_dim": "8", "embed_dim": "4", "batch_real": "4", "sample_every": "3", "sample_cols": "3"}
+FILTER = {"candidates": "3", "filter_model": "mlp", "filter_epochs": "2", "filter_per_class": "20"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _run(root, data, filter_, ipc=3):
+    out = root / f"gan_{filter_}"
+    sets = {**SMALL, **FILTER, "filter": filter_}
+    res = distill("gan", data, ipc, out, preset="cpu", sets=sets, overrides={"iterations": 4}, seed=2,
+                  precision="fp32")
+    return out / GENERATOR_FILE, res.synset
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sample")
+    return {f: _run(root, digits, f) for f in ("none", "discriminator", "classifier")}
+
+
+def _settings(kind, **kw):
+    return FilterSettings(kind, candidates=3, model="mlp", epochs=2, per_class=20, **kw)
+
+
+@pytest.mark.parametrize("kind", ["none", "discriminator", "classifier"])
+def test_the_runs_own_settings_give_the_runs_own_set(runs, digits, kind):
+    path, synset = runs[kind]
+    again = sample_generator(path, 3, filtering=_settings(kind), train=digits if kind == "classifier" else None,
+                             precision="fp32")
+    assert torch.equal(again.images, synset.images) and torch.equal(again.labels, synset.labels)
+    assert again.label_kind == "hard" and again.meta["gan"]["filter"] == kind
+    assert again.meta["gan"]["generator_iteration"] == 4
+
+
+def test_any_ipc_and_seed_from_one_file(runs):
+    path, synset = runs["none"]
+    g, header, info = load_generator(path)
+    five = sample_generator(path, 5)
+    assert five.images.shape == (50, 1, 8, 8)
+    assert five.labels.tolist() == class_blocks(10, 5).tolist()
+    assert torch.equal(five.images, generate(g, class_blocks(10, 5), header["sample_seed"]))
+    other = sample_generator(path, 3, sample_seed=7)
+    assert other.meta["gan"]["sample_seed"] == 7 and not torch.equal(other.images, synset.images)
+    assert torch.equal(other.images, sample_generator(path, 3, sample_seed=7).images)  # seeded
+
+
+def test_filtering_keeps_the_best_scored_candidates(runs):
+    path, _ = runs["discriminator"]
+    g, header, _ = load_generator(path)
+    d = load_discriminator(path)
+    kept = sample_generator(path, 2, filtering=_settings("discriminator"))
+    pool = generate(g, class_blocks(10, 6), header["sample_seed"])
+    scores = d(pool, class_blocks(10, 6)).view(10, 6)
+    for c in range(10):  # the kept images are the two best-scored of each class's six candidates
+        best = torch.sort(scores[c], descending=True, stable=True).indices[:2] + 6 * c
+        assert torch.equal(kept.images[2 * c:2 * c + 2], pool[best])
+
+
+def test_the_classifier_filter_depends_on_its_seed_and_records_it(runs, digits):
+    path, synset = runs["classifier"]
+    assert read_generator_header(path)[0]["filter_seed"] >= 0
+    other = sample_generator(path, 3, filtering=_settings("classifier", seed=5), train=digits, precision="fp32")
+    rec = other.meta["gan"]
+    assert rec["filter_seed"] == 5 and rec["filter_model"] == "mlp" and rec["candidates"] == 3
+    assert other.images.shape == synset.images.shape
+
+
+def test_bad_requests_are_refused(runs, digits, tmp_path):
+    path, _ = runs["none"]
+    g, header, info = load_generator(path)
+    old = tmp_path / "old.safetensors"  # a file as written before the discriminator was stored
+    save_generator(old, g, info, header["architecture"], header["sample_seed"], 4)
+    with pytest.raises(ArtifactError, match="holds no discriminator"):
+        sample_generator(old, 2, filtering=_settings("discriminator"))
+    with pytest.raises(ConfigError, match="training split"):
+        sample_generator(path, 2, filtering=_settings("classifier"))
+    with pytest.raises(ConfigError, match="trained on digits"):
+        sample_generator(path, 2, filtering=_settings("classifier"), train=tiny_dataset(num_classes=3))
+    with pytest.raises(ConfigError, match="ipc must be >= 1"):
+        sample_generator(path, 0)
+
+
+@pytest.mark.parametrize("key,value", [("filter_seed", -3), ("discriminator", {"pool_mean": 1})])
+def test_a_damaged_header_field_is_named(runs, tmp_path, key, value):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _ = runs["discriminator"]
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["tinyset"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header[key] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"tinyset": json.dumps(header)})
+    with pytest.raises(ArtifactError, match=key):
+        read_generator_header(bad)
+
+
+def test_the_command_writes_the_set_and_never_overwrites(runs, tmp_path, capsys):
+    path, synset = runs["discriminator"]
+    out, js = tmp_path / "s.safetensors", tmp_path / "s.json"
+    args = ["sample", str(path), "--ipc", "3", "--filter", "discriminator", "--candidates", "3", "--out", str(out),
+            "--json", str(js), "--threads", "1", "--precision", "fp32"]
+    assert main(args) == 0
+    assert "best of 3 by the discriminator" in capsys.readouterr().out
+    assert torch.equal(SyntheticSet.load(out).images, synset.images)
+    record = json.loads(js.read_text())
+    assert record["ipc"] == 3 and record["gan"]["filter"] == "discriminator" and record["runtime"]["threads"] == 1
+    before = out.read_bytes()
+    assert main(args) == 2  # exists: refused, nothing lost
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args, "--force"]) == 0
+
+
+def test_the_command_refuses_a_filter_the_file_cannot_serve(runs, tmp_path, capsys):
+    path, _ = runs["none"]
+    g, header, info = load_generator(path)
+    old = tmp_path / "old.safetensors"
+    save_generator(old, g, info, header["architecture"], header["sample_seed"], 4)
+    out = tmp_path / "x.safetensors"
+    assert main(["sample", str(old), "--ipc", "2", "--filter", "discriminator", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stores no discriminator" in err and str(old) in err and "Traceback" not in err and not out.exists()
+    assert main(["sample", str(tmp_path / "missing.safetensors"), "--ipc", "2", "--out", str(out)]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -8,14 +8,16 @@ training step of the drawn network on the synthetic set (and its re-initialisati
 ``max_online_steps`` old). It races, in alternating turns in one process (the machine may be
 shared, so the speed is the ratio, not the seconds), the reference-style iteration of
 ``reference_loop.ReferenceKRR`` (plain fp32 modules, a float32 solve, after the authors' PyTorch
-port), started from the same images and labels. Two settings (``--configs``):
+port), started from the same images and labels. Settings (``--configs``, default ``cpu,paper``):
 
 * ``cpu``: the ``cpu`` profile of ``tinyset distill --method krr`` (32 real images per class, pool
   ConvNets of width 64);
 * ``paper``: FRePo's real batch (102 per class, 1024 in all in the authors' port) and width 128
-  (constant; FRePo's own network widens to 256 and 512 in its later blocks).
+  (constant; FRePo's own network widens to 256 and 512 in its later blocks);
+* ``frepo``: ``paper`` with FRePo's own network, ``convnet-frepo`` (widths 128/256/512), as the
+  ``paper`` preset of ``tinyset distill --method krr`` runs it.
 
-Both use the pool's architecture ``convnet-nn`` (ConvNet of depth 3 without normalisation) and
+``cpu`` and ``paper`` use the pool's architecture ``convnet-nn`` (ConvNet of depth 3 without normalisation); all use
 the run's precision (bf16 autocast where the CPU has native bf16, ``--precision``). Each setting:
 ``--warmup`` untimed iterations of each contender, one untimed round, then ``--iterations`` timed
 turns of each; printed: the median, minimum and mean wall seconds, the CPU seconds of the process
@@ -50,7 +52,8 @@ from tinyset.methods.krr import KernelRidge  # noqa: E402
 from tinyset.rng import make_generator  # noqa: E402
 from tinyset.runtime import describe_machine, resolve_runtime  # noqa: E402
 
-CONFIGS = {"cpu": {}, "paper": {"batch_real": "102", "width": "128"}}
+CONFIGS = {"cpu": {}, "paper": {"batch_real": "102", "width": "128"},
+           "frepo": {"batch_real": "102", "width": "128", "model": "convnet-frepo"}}
 
 
 def vm_hwm_mib() -> float | None:

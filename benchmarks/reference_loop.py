@@ -31,19 +31,20 @@ class ReferenceConvNet(nn.Module):
 
 
 def reference_convnet(channels: int, num_classes: int, size: int, width: int = 128, depth: int = 3,
-                      norm: bool = True) -> nn.Module:
+                      norm: bool = True, widen: int = 1) -> nn.Module:
     """Upstream's ConvNet: ``depth`` blocks of conv 3x3, instance norm (``norm=False``: none), ReLU,
-    average pooling; a linear classifier."""
+    average pooling; a linear classifier. ``widen=2``: FRePo's network, channels doubling per block."""
     layers: list[nn.Module] = []
     c, h = channels, size
     for d in range(depth):
         pad = 3 if (d == 0 and channels == 1 and size == 28) else 1
-        layers += [nn.Conv2d(c, width, 3, padding=pad),
-                   nn.GroupNorm(width, width, affine=True) if norm else nn.Identity(), nn.ReLU(),
+        cout = width * widen ** d
+        layers += [nn.Conv2d(c, cout, 3, padding=pad),
+                   nn.GroupNorm(cout, cout, affine=True) if norm else nn.Identity(), nn.ReLU(),
                    nn.AvgPool2d(2, 2)]
         h = (h + 2 * pad - 2) // 2
-        c = width
-    return ReferenceConvNet(nn.Sequential(*layers, nn.Flatten()), nn.Linear(width * h * h, num_classes))
+        c = cout
+    return ReferenceConvNet(nn.Sequential(*layers, nn.Flatten()), nn.Linear(c * h * h, num_classes))
 
 
 def reference_train_one(images, labels, test_x, test_y, epochs, seed, augment: DSA | None,
@@ -270,6 +271,9 @@ class ReferenceKRR:
         self.opt = torch.optim.Adam([{"params": [self.images], "lr": cfg.lr_img},
                                      {"params": [self.targets], "lr": cfg.lr_label}])
         self.seed = seed
+        from tinyset.models import MODELS  # the pool architecture's channel growth (2 for convnet-frepo)
+
+        self._widen = getattr(MODELS.get(cfg.model), "keywords", {}).get("widen", 1)
         self.nets = [self._network(i) for i in range(cfg.pool_size)]
         self.net_opts = [torch.optim.Adam(n.parameters(), lr=cfg.lr_net) for n in self.nets]
         stride = cfg.max_online_steps / cfg.pool_size
@@ -280,7 +284,8 @@ class ReferenceKRR:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1000 + salt)
             return reference_convnet(info.channels, info.num_classes, info.image_size[0],
-                                     width=self.cfg.width or 128, norm=False)
+                                     width=self.cfg.width or 128, norm=False,
+                                     widen=self._widen)
 
     def step(self, g: torch.Generator) -> float:
         cfg, k = self.cfg, self.pool.info.num_classes

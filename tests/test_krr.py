@@ -100,7 +100,11 @@ def test_registered_with_typed_settings_and_sources():
     assert src["pool_size"].startswith("paper: yongchaoz/FRePo")
     assert v.iterations == 300 and src["iterations"].startswith("cpu:")
     mnist = resolve_config("krr", "mnist", 10, "cpu").values
-    assert (mnist.batch_real, mnist.iterations, mnist.width) == (32, 3000, 64)
+    assert (mnist.batch_real, mnist.iterations, mnist.width, mnist.model) == (32, 3000, 64, "convnet-nn")
+    assert v.model == "convnet-nn" and src["model"].startswith("cpu:")
+    paper = resolve_config("krr", "mnist", 10, "paper")  # FRePo's own network: widths doubling per block
+    assert paper.values.model == "convnet-frepo" and paper.values.width is None
+    assert paper.sources["model"].startswith("paper: yongchaoz/FRePo")
     with pytest.raises(ConfigError, match="width=16 applies to ConvNet-family models"):
         resolve_config("krr", "digits", 2, "cpu", sets={"width": "16", "model": "mlp"})
     with pytest.raises(ConfigError, match="online_steps=5 exceeds max_online_steps=4"):

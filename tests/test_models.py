@@ -36,6 +36,23 @@ def test_convnet_reference_semantics():
         (9 * 128 + 128) + 2 * (128 * 128 * 9 + 128) + 3 * 2 * 128 + 2048 * 10 + 10)
 
 
+def test_convnet_frepo_doubles_the_width_per_block():
+    m = create_model("convnet-frepo", 1, 10, 28)
+    convs = [l for l in m.features if l.__class__.__name__ == "Conv2d"]
+    assert [(c.cin, c.cout) for c in convs] == [(1, 128), (128, 256), (256, 512)]
+    assert [c.padding for c in convs] == [3, 1, 1] and all(c.bias is not None for c in convs)
+    assert not [l for l in m.features if isinstance(l, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
+    assert m.feature_dim == 512 * 4 * 4 and m.config["widen"] == 2  # 8192 features, as FRePo's Conv at 32x32
+    x = torch.randn(2, 1, 28, 28)
+    blocks = m.block_outputs(x)
+    assert [b.shape[1] for b in blocks[:-1]] == [128, 256, 512] and torch.equal(blocks[-1], m.embed(x))
+    narrow = create_model("convnet-frepo", 3, 10, 32, width=16)
+    assert narrow.feature_dim == 64 * 4 * 4
+    assert "widen" not in create_model("convnet", 1, 10, 28).config  # unchanged for the constant-width family
+    with pytest.raises(ConfigError, match="widen"):
+        create_model("convnet", 1, 10, 28, widen=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_instancenorm_cancels_conv_bias_exactly(compiled):
@@ -90,7 +107,8 @@ def test_default_init_distribution():
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
 
 
-@pytest.mark.parametrize("name", ["convnet", "convnet-bn", "convnet-ln", "mlp", "lenet", "resnet18-bn", "alexnet"])
+@pytest.mark.parametrize("name", ["convnet", "convnet-bn", "convnet-ln", "convnet-frepo", "mlp", "lenet", "resnet18-bn",
+                                  "alexnet"])
 def test_ensemble_members_equal_separate_networks(name):
     torch.set_num_threads(2)
     size = 28

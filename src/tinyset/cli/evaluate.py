@@ -29,8 +29,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                         "krr-random: kernel ridge regression on the set with features of networks trained briefly on "
                         "it / freshly initialised (no SGD classifier; results never mixed with the others); frepo: FRePo's evaluation "
                         "(Adam 3e-4 with warm-up and cosine, squared error on the set's learned regression targets or "
-                        "centred one-hot rows, 1000-5000 steps by set size; use --models convnet-nn; never in one "
-                        "table with the dsa protocols)")
+                        "centred one-hot rows, 1000-5000 steps by set size; use --models convnet-frepo (FRePo's "
+                        "network) or convnet-nn; never in one table with the dsa protocols)")
     p.add_argument("--num-models", type=number(int, low=1), default=None,
                    help="networks per architecture (default: protocol's)")
     p.add_argument("--epochs", type=number(int, low=1), default=None, help=SCHEDULE_HELP)

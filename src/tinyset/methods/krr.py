@@ -53,11 +53,11 @@ the last layer of real networks of the evaluation architecture, kept at several 
 by the online pool; it reports accuracy at KIP's level (KIP's MNIST/FashionMNIST rows are in
 ../shared/reference.md 2.2; issue #11 quotes 98.6-98.9 / 86.2-88.5 at ipc 10 for learned-label
 kernel methods) at a small fraction of the cost, and its distilled images transfer to SGD-trained networks because the kernel *is* such a network's
-feature map. That is what we implement, in PyTorch, with our registry's ConvNets (default
-``convnet-nn``: depth 3, width 128, no normalisation). FRePo's ``conv`` network has no
-normalisation either but doubles its channels at every block (128, 256, 512); we keep the
-registry's constant-width ConvNet, the architecture the SGD protocols evaluate with (and several
-times cheaper on a CPU), so that difference is ours.
+feature map. That is what we implement, in PyTorch, with our registry's ConvNets. The ``paper``
+preset uses ``convnet-frepo``, FRePo's ``conv`` network (depth 3, no normalisation, channels doubling
+per block: 128, 256, 512). The ``cpu`` rule uses the constant-width ``convnet-nn`` at width 64 on
+MNIST/FashionMNIST (``convnet-nn``, width 128, on digits): several times cheaper on a CPU, and the
+architecture family the SGD protocols evaluate with; that difference is ours.
 
 **Semantics read from** yongchaoz/FRePo ``script/distill_torch.py`` (the authors' PyTorch port):
 Adam for images and labels at 1e-3 with a cosine to 0.1x (the JAX version and the paper use LAMB),
@@ -95,9 +95,11 @@ SOLVE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 class KRRConfig(DistillConfig):
     iterations: int = hp(20000, "outer iterations", ge=1)
     model: str = hp("convnet-nn", "architecture of the pool networks whose last-layer features make the kernel "
-                                  "(convnet-nn: FRePo's ConvNet without normalisation)")
-    width: int | None = hp(None, "channels of the pool's ConvNet (none: the architecture's own, 128 for "
-                                 "convnet-nn); ConvNet-family models only", ge=1, le=4096, optional=True)
+                                  "(convnet-frepo: FRePo's, widths doubling per block; convnet-nn: constant width; "
+                                  "both without normalisation)")
+    width: int | None = hp(None, "channels of the pool's ConvNet, of its first block for convnet-frepo (none: the "
+                                 "architecture's own, 128); ConvNet-family models only", ge=1, le=4096,
+                           optional=True)
     lr_img: float = hp(1e-3, "Adam learning rate of the synthetic images (cosine-decayed; momentum_img is "
                              "not used)", gt=0)
     lr_label: float = hp(1e-3, "Adam learning rate of the learned labels (cosine-decayed)", gt=0)
@@ -122,9 +124,9 @@ class KRRConfig(DistillConfig):
 def _cpu_budget(values, dataset: str, ipc: int) -> dict:
     family = dataset.lower().partition(":")[0]
     if family == "digits":
-        return {"iterations": 300, "batch_real": 32, "final_eval": "quick"}
+        return {"iterations": 300, "batch_real": 32, "model": "convnet-nn", "final_eval": "quick"}
     if family in ("mnist", "fashion-mnist"):
-        return {"iterations": 3000, "batch_real": 32, "width": 64, "final_eval": "quick"}
+        return {"iterations": 3000, "batch_real": 32, "model": "convnet-nn", "width": 64, "final_eval": "quick"}
     return {}
 
 
@@ -160,18 +162,18 @@ class KernelRidge(Distiller):
     Config = KRRConfig
     uses_dsa = False  # FRePo does not augment while distilling MNIST-like data
     paper = Table((
-        Row({"iterations": 20000, "init": "real", "model": "convnet-nn", "lr_img": 1e-3, "lr_label": 1e-3,
+        Row({"iterations": 20000, "init": "real", "model": "convnet-frepo", "lr_img": 1e-3, "lr_label": 1e-3,
              "lr_min_factor": 0.1, "learn_labels": True, "label_margin": 1.0, "batch_real": 102, "pool_size": 10,
              "max_online_steps": 100, "online_steps": 1, "lr_net": 3e-4, "batch_syn": 500, "ridge": 1e-6},
             f"{_REF}: Adam 1e-3 on images and labels with a cosine to 0.1x, learned labels with the margin term, "
-            "real init, pool of 10 networks (ConvNet depth 3, no normalisation; theirs doubles the width per block "
-            "from 128, ours keeps 128) reset after 100 "
-            "online Adam(3e-4) steps, synthetic minibatch 500, ridge 1e-6 x tr(K)/n, real batch 1024 (102 per "
+            "real init, pool of 10 networks (their conv network: depth 3, no normalisation, widths 128/256/512) "
+            "reset after 100 online Adam(3e-4) steps, synthetic minibatch 500, ridge 1e-6 x tr(K)/n, real batch 1024 (102 per "
             "class here). The number of iterations is the script's argument (no default); 20000 is ours"),
     ))
     cpu_rule = Rule(
-        "2-core CPU budget (chosen by us): digits 300 iterations, 32 real images per class; MNIST/FashionMNIST "
-        "3000 iterations, 32 real images per class, pool ConvNets of width 64 (benchmarks/bench_krr.py, MNIST "
+        "2-core CPU budget (chosen by us): constant-width pool ConvNets without normalisation (convnet-nn); "
+        "digits 300 iterations, 32 real images per class; MNIST/FashionMNIST "
+        "3000 iterations, 32 real images per class, width 64 (benchmarks/bench_krr.py, MNIST "
         "ipc 10, AMD EPYC with AVX512-BF16, 2 threads, bf16, machine shared with ~3 other jobs: width 128 "
         "2.3 s per iteration (4.7 s with the paper's 102 real images per class), width 64 0.7-1.2 s); quick "
         "final evaluation", _cpu_budget)

@@ -2,7 +2,7 @@
 
 Registered names (case-insensitive, ``_`` = ``-``): the ConvNet family (``convnet``,
 ``convnet-bn/-ln/-gn/-nn``, ``convnet-d1``..``-d5``, ``convnet-w32/-w64/-w128/-w256``,
-``convnet-mp/-np``, ``convnet-as/-ar/-al/-aswish``), ``mlp``, ``lenet``, ``alexnet``,
+``convnet-mp/-np``, ``convnet-as/-ar/-al/-aswish``, ``convnet-frepo``), ``mlp``, ``lenet``, ``alexnet``,
 ``alexnet-bn``, ``vgg11``, ``vgg11-bn``, ``resnet18``, ``resnet18-bn``.
 Every model has ``embed(x)`` and ``classifier``, and can be built ``members`` wide (an ensemble
 of independent networks evaluated in one pass, see :mod:`tinyset.models.layers`).
@@ -34,6 +34,8 @@ for _d in range(1, 6):
     MODELS.register(f"convnet-d{_d}", partial(ConvNet, depth=_d), help=f"ConvNet of depth {_d}")
 for _w in (32, 64, 128, 256):
     MODELS.register(f"convnet-w{_w}", partial(ConvNet, width=_w), help=f"ConvNet of width {_w}")
+MODELS.register("convnet-frepo", partial(ConvNet, norm="none", widen=2),
+                help="FRePo's Conv network: ConvNet-3 without normalisation, widths 128/256/512 (doubling per block)")
 MODELS.register("convnet-mp", partial(ConvNet, pooling="maxpooling"), help="ConvNet with max pooling")
 MODELS.register("convnet-np", partial(ConvNet, pooling="none"), help="ConvNet without pooling")
 for _act, _suffix in (("sigmoid", "as"), ("relu", "ar"), ("leakyrelu", "al"), ("swish", "aswish")):

@@ -68,8 +68,10 @@ def test_any_ipc_and_seed_from_one_file(runs):
 def test_filtering_keeps_the_best_scored_candidates(runs):
     path, _ = runs["discriminator"]
     g, header, _ = load_generator(path)
-    d = load_discriminator(path)
+    d, source = load_discriminator(path)
+    assert source == str(path)
     kept = sample_generator(path, 2, filtering=_settings("discriminator"))
+    assert kept.meta["gan"]["discriminator_from"] == str(path)
     pool = generate(g, class_blocks(10, 6), header["sample_seed"])
     scores = d(pool, class_blocks(10, 6)).view(10, 6)
     for c in range(10):  # the kept images are the two best-scored of each class's six candidates
@@ -86,11 +88,39 @@ def test_the_classifier_filter_depends_on_its_seed_and_records_it(runs, digits):
     assert other.images.shape == synset.images.shape
 
 
+def _old_file(path, folder, iteration=4):
+    """``path``'s generator as a file written before the discriminator was stored, in ``folder``."""
+    g, header, info = load_generator(path)
+    folder.mkdir(exist_ok=True)
+    old = folder / GENERATOR_FILE
+    save_generator(old, g, info, header["architecture"], header["sample_seed"], iteration)
+    return old
+
+
+def test_an_older_file_takes_the_discriminator_of_its_runs_checkpoint(runs, tmp_path):
+    import shutil
+
+    path, synset = runs["discriminator"]
+    folder = tmp_path / "old_run"
+    old = _old_file(path, folder)
+    with pytest.raises(ArtifactError, match="no run checkpoint beside it"):
+        load_discriminator(old)
+    shutil.copy(path.parent / "checkpoint.safetensors", folder / "checkpoint.safetensors")
+    d, source = load_discriminator(old)
+    assert source == str(folder / "checkpoint.safetensors")
+    stored, _ = load_discriminator(path)
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), stored.state_dict().values()))
+    again = sample_generator(old, 3, filtering=_settings("discriminator"))
+    assert torch.equal(again.images, synset.images)  # the run's own filtered set
+    other = _old_file(path, tmp_path / "later", iteration=9)  # a checkpoint of another iteration is refused
+    shutil.copy(path.parent / "checkpoint.safetensors", other.parent / "checkpoint.safetensors")
+    with pytest.raises(ArtifactError, match="iteration 4, the generator of iteration 9"):
+        load_discriminator(other)
+
+
 def test_bad_requests_are_refused(runs, digits, tmp_path):
     path, _ = runs["none"]
-    g, header, info = load_generator(path)
-    old = tmp_path / "old.safetensors"  # a file as written before the discriminator was stored
-    save_generator(old, g, info, header["architecture"], header["sample_seed"], 4)
+    old = _old_file(path, tmp_path / "old")
     with pytest.raises(ArtifactError, match="holds no discriminator"):
         sample_generator(old, 2, filtering=_settings("discriminator"))
     with pytest.raises(ConfigError, match="training split"):
@@ -135,12 +165,10 @@ def test_the_command_writes_the_set_and_never_overwrites(runs, tmp_path, capsys)
 
 def test_the_command_refuses_a_filter_the_file_cannot_serve(runs, tmp_path, capsys):
     path, _ = runs["none"]
-    g, header, info = load_generator(path)
-    old = tmp_path / "old.safetensors"
-    save_generator(old, g, info, header["architecture"], header["sample_seed"], 4)
+    old = _old_file(path, tmp_path / "old")
     out = tmp_path / "x.safetensors"
     assert main(["sample", str(old), "--ipc", "2", "--filter", "discriminator", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "stores no discriminator" in err and str(old) in err and "Traceback" not in err and not out.exists()
+    assert "holds no discriminator" in err and str(old) in err and "Traceback" not in err and not out.exists()
     assert main(["sample", str(tmp_path / "missing.safetensors"), "--ipc", "2", "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err

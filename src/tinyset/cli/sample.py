@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the latents (default: the file's sample seed; with the run's ipc and filter this "
                         "gives the run's own set)")
     p.add_argument("--filter", choices=FILTERS, default=d.kind,
-                   help="keep the best of --candidates samples per image: none; discriminator (highest D(x, y); "
-                        "needs a file that stores the discriminator); classifier (highest log p(y|x) of a "
+                   help="keep the best of --candidates samples per image: none; discriminator (highest D(x, y) of "
+                        "the run's discriminator: from the file, or from an older file's run checkpoint of the same "
+                        "iteration); classifier (highest log p(y|x) of a "
                         "classifier trained briefly on real training images; reads the dataset)")
     p.add_argument("--candidates", type=number(int, low=1, high=1000), default=d.candidates,
                    help=f"samples generated per kept image when filtering (default: {d.candidates})")
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tinyset.errors import ConfigError
     from tinyset.files import check_output_file, write_json
-    from tinyset.methods.gan import FilterSettings, read_generator_header, sample_generator
+    from tinyset.methods.gan import FilterSettings, load_discriminator, read_generator_header, sample_generator
     from tinyset.models import MODELS
 
     check_distinct("--out", args.out, "the generator file", args.generator)
@@ -54,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     check_distinct("--json", args.json_out, "--out", args.out)
     check_json_out(args)
     header, info = read_generator_header(args.generator)
-    if args.filter == "discriminator" and "discriminator" not in header:
-        raise ConfigError(f"--filter discriminator: {args.generator} stores no discriminator (written before tinyset "
-                          f"stored it); use --filter classifier or none")
+    if args.filter == "discriminator":
+        load_discriminator(args.generator)  # refused now, before any work, if the run has none to give
     if args.filter == "classifier" and args.filter_model not in MODELS:
         raise ConfigError(f"--filter-model {args.filter_model!r} is not a registered architecture; known: "
                           f"{', '.join(MODELS.names())}")

@@ -433,13 +433,18 @@ def _load_weights(path: str | Path, net: nn.Module, prefix: str, what: str) -> n
     """``net`` with the tensors of ``path`` named ``prefix.*``, checked (shapes, finite), in eval mode."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        state = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    return _fit_weights(net, state, path, what)
+
+
+def _fit_weights(net: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> nn.Module:
+    """``net`` with ``state`` loaded, checked (shapes, finite), in eval mode; errors name ``path``."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise ArtifactError(f"{path}: the {what}'s weights do not fit the architecture in the header "
-                            f"({str(exc).splitlines()[0]})") from None
+        raise ArtifactError(f"{path}: the {what}'s weights do not fit the architecture in the generator file's "
+                            f"header ({str(exc).splitlines()[0]})") from None
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):
         raise ArtifactError(f"{path}: the {what}'s weights contain NaN/inf")
     return net.eval()
@@ -452,16 +457,37 @@ def load_generator(path: str | Path) -> tuple[Generator, dict[str, Any], Dataset
     return g, header, info
 
 
-def load_discriminator(path: str | Path) -> Discriminator:
-    """The discriminator stored beside the generator (on CPU, eval mode); files written before
-    discriminators were stored have none (an :class:`ArtifactError` says so)."""
+def load_discriminator(path: str | Path) -> tuple[Discriminator, str]:
+    """The discriminator of the generator's run (on CPU, eval mode) and where it came from: the
+    generator file, or, for a file written before tinyset stored it there, the run's checkpoint in the
+    same folder when that checkpoint is of the same GAN run and iteration. Otherwise an
+    :class:`ArtifactError` says why there is none."""
+    from tinyset.files import read_tagged_safetensors
+    from tinyset.methods.loop import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
     header, info = read_generator_header(path)
-    if "discriminator" not in header:
-        raise ArtifactError(f"{path}: this generator file holds no discriminator (files written before tinyset stored "
-                            f"it, or not by a GAN run); sample with filter none or classifier")
     d = Discriminator(info.channels, info.num_classes, header["architecture"]["width"])
-    d.pool_mean = header["discriminator"]["pool_mean"]
-    return _load_weights(path, d, "discriminator", "discriminator")
+    if "discriminator" in header:
+        d.pool_mean = header["discriminator"]["pool_mean"]
+        return _load_weights(path, d, "discriminator", "discriminator"), str(path)
+    ckpt = Path(path).parent / CHECKPOINT
+    why = f"there is no run checkpoint beside it ({ckpt})"
+    if ckpt.is_file():
+        tensors, ck = read_tagged_safetensors(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
+        config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        method = (ck.get("identity") or {}).get("method") if isinstance(ck.get("identity"), dict) else None
+        if method != "gan" or config.get("width") != header["architecture"]["width"]:
+            why = f"the checkpoint beside it ({ckpt}) is not of this GAN run (method {method!r})"
+        elif ck.get("iteration") != header.get("iteration"):
+            why = (f"the checkpoint beside it ({ckpt}) is of iteration {ck.get('iteration')}, the generator of "
+                   f"iteration {header.get('iteration')}")
+        else:
+            prefix = "module.discriminator."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            d.pool_mean = bool(config.get("pool_mean", False))
+            return _fit_weights(d, state, ckpt, "discriminator"), str(ckpt)
+    raise ArtifactError(f"{path}: this generator file holds no discriminator (written before tinyset stored it) and "
+                        f"{why}; sample with filter none or classifier")
 
 
 # ---------------------------------------------------------------------------------- sampling a file
@@ -515,8 +541,10 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
                               "refine": "none"}
     score = None
     if filtering.kind == "discriminator":
-        d = load_discriminator(path).to(device)
+        d, source = load_discriminator(path)
+        d = d.to(device)
         score = lambda x, y: filter_scores("discriminator", x, y, discriminator=d)  # noqa: E731
+        record["discriminator_from"] = source
     elif filtering.kind == "classifier":
         fseed = filtering.seed if filtering.seed is not None else header.get("filter_seed", 0)
         net = train_filter_classifier(RealPool(train, device), filtering.model, filtering.per_class,

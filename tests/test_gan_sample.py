@@ -172,3 +172,55 @@ def test_the_command_refuses_a_filter_the_file_cannot_serve(runs, tmp_path, caps
     assert "holds no discriminator" in err and str(old) in err and "Traceback" not in err and not out.exists()
     assert main(["sample", str(tmp_path / "missing.safetensors"), "--ipc", "2", "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("estimator", ["probe", "knn"])
+def test_mi_scores_extra_images_without_fitting_on_them(digits, estimator):
+    from tinyset.select.mi import pmi_scores
+    from tinyset.rng import make_generator
+
+    real = digits.info.normalize(digits.images[:40])
+    right = digits.labels[:40]
+    wrong = (right + 1) % 10  # the same images under another class's label
+    extra, extra_labels = torch.cat([real, real]), torch.cat([right, wrong])
+    plain = pmi_scores(digits, make_generator(3), "cpu", estimator=estimator, precision="fp32")
+    both = pmi_scores(digits, make_generator(3), "cpu", estimator=estimator, precision="fp32", extra=extra,
+                      extra_labels=extra_labels)
+    assert torch.equal(plain.scores, both.scores) and torch.equal(plain.key, both.key)  # never fitted on
+    assert both.extra_scores.shape == (80,) and both.extra_key.shape == (80,)
+    assert (both.extra_key[:40] > both.extra_key[40:]).float().mean() >= 0.9  # the true label is more informative
+    with pytest.raises(ConfigError, match="one label each"):
+        pmi_scores(digits, make_generator(3), "cpu", extra=extra)
+
+
+@pytest.mark.parametrize("estimator", ["probe", "knn"])
+def test_the_mi_filter_keeps_the_highest_mi_candidates(runs, digits, estimator):
+    from tinyset.select.mi import pmi_scores
+    from tinyset.rng import make_generator
+
+    path, _ = runs["none"]
+    g, header, _ = load_generator(path)
+    kept = sample_generator(path, 2, filtering=FilterSettings("mi", candidates=3, seed=4, estimator=estimator),
+                            train=digits, precision="fp32")
+    rec = kept.meta["gan"]
+    assert rec["filter"] == "mi" and rec["filter_estimator"] == estimator and rec["filter_seed"] == 4
+    assert rec["filter_note"].startswith("calibrated" if estimator == "probe" else "k-NN")
+    labels = class_blocks(10, 6)
+    pool = generate(g, labels, header["sample_seed"])
+    key = pmi_scores(digits, make_generator(4), "cpu", estimator=estimator, precision="fp32", extra=pool,
+                     extra_labels=labels).extra_key.view(10, 6)
+    for c in range(10):
+        best = torch.sort(key[c], descending=True, stable=True).indices[:2] + 6 * c
+        assert torch.equal(kept.images[2 * c:2 * c + 2], pool[best])
+    with pytest.raises(ConfigError, match="filter mi learns from real images"):
+        sample_generator(path, 2, filtering=FilterSettings("mi"))
+
+
+def test_the_command_filters_by_mi(runs, tmp_path, capsys):
+    path, _ = runs["none"]
+    out = tmp_path / "mi.safetensors"
+    assert main(["sample", str(path), "--ipc", "2", "--filter", "mi", "--mi-estimator", "knn", "--candidates", "2",
+                 "--out", str(out), "--threads", "1", "--precision", "fp32"]) == 0
+    assert "best of 2 by the mi" in capsys.readouterr().out
+    meta = SyntheticSet.load(out).meta["gan"]
+    assert meta["filter"] == "mi" and meta["filter_estimator"] == "knn" and meta["filter_seed"] >= 0

@@ -11,7 +11,8 @@ HELP = "draw a synthetic set from a GAN run's generator file (any ipc, optional 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tinyset.methods.gan import FILTERS, FilterSettings
+    from tinyset.methods.gan import SAMPLE_FILTERS, FilterSettings
+    from tinyset.select.mi import ESTIMATORS
 
     d = FilterSettings()
     p.add_argument("generator", help="a generator file (RUN/generator.safetensors of `tinyset distill --method gan`)")
@@ -20,11 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=number(int, low=0, high=2**63 - 1), default=None,
                    help="seed of the latents (default: the file's sample seed; with the run's ipc and filter this "
                         "gives the run's own set)")
-    p.add_argument("--filter", choices=FILTERS, default=d.kind,
+    p.add_argument("--filter", choices=SAMPLE_FILTERS, default=d.kind,
                    help="keep the best of --candidates samples per image: none; discriminator (highest D(x, y) of "
                         "the run's discriminator: from the file, or from an older file's run checkpoint of the same "
                         "iteration); classifier (highest log p(y|x) of a "
-                        "classifier trained briefly on real training images; reads the dataset)")
+                        "classifier trained briefly on real training images; reads the dataset); mi (highest "
+                        "pointwise mutual information with the label, scored as `tinyset select --method mi` "
+                        "scores real images, by a scorer fitted on real training images; reads the dataset)")
     p.add_argument("--candidates", type=number(int, low=1, high=1000), default=d.candidates,
                    help=f"samples generated per kept image when filtering (default: {d.candidates})")
     p.add_argument("--filter-model", default=d.model,
@@ -33,9 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"epochs of the filter classifier (default: {d.epochs})")
     p.add_argument("--filter-per-class", type=number(int, low=1), default=d.per_class,
                    help=f"real training images per class the filter classifier trains on (default: {d.per_class})")
+    p.add_argument("--mi-estimator", choices=ESTIMATORS, default=d.estimator,
+                   help="--filter mi: the p(y|x) estimator, probe (calibrated logistic probe) or knn (vote of the "
+                        f"nearest real training images) (default: {d.estimator})")
     p.add_argument("--filter-seed", type=number(int, low=0, high=2**63 - 1), default=None,
-                   help="seed of the filter classifier's images and weights (default: the run's, stored in the "
-                        "file, else 0)")
+                   help="seed of the filter classifier (its images and weights) or of the mi scorer (default: "
+                        "the run's, stored in the file, else 0)")
     p.add_argument("--dataset", default=None,
                    help="where the filter classifier's real images come from (default: the dataset named in the file)")
     p.add_argument("--json", dest="json_out", default=None, help="also write what was sampled (settings, time) as JSON")
@@ -60,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.filter == "classifier" and args.filter_model not in MODELS:
         raise ConfigError(f"--filter-model {args.filter_model!r} is not a registered architecture; known: "
                           f"{', '.join(MODELS.names())}")
-    train = load_split(args, args.dataset or info.name, "train") if args.filter == "classifier" else None
+    train = load_split(args, args.dataset or info.name, "train") if args.filter in ("classifier", "mi") else None
     rt = args.runtime
     filtering = FilterSettings(args.filter, args.candidates, args.filter_model, args.filter_epochs,
-                               args.filter_per_class, args.filter_seed)
+                               args.filter_per_class, args.filter_seed, args.mi_estimator)
     synset = sample_generator(args.generator, args.ipc, sample_seed=args.sample_seed, filtering=filtering, train=train,
                               device=rt.device, precision=rt.precision)
     synset.save(args.out)

@@ -70,7 +70,9 @@ every ``sample_every`` iterations and at the end. :func:`load_generator` reads t
 method can start from it with ``init=gan:PATH`` (``ipc`` samples per class from the file's sample
 seed: the GAN run's unfiltered set). :func:`sample_generator` (``tinyset sample``) draws a set of any
 ``ipc`` from the file, filtered or not, without training the GAN again; with the run's ``ipc`` and
-filter settings it is the run's own set.
+filter settings it is the run's own set. It has one filter more, ``mi``: the samples' pointwise
+mutual information with their label as the ``mi`` selector scores real images
+(:func:`tinyset.select.mi.pmi_scores`, fitted on the training split alone).
 """
 from __future__ import annotations
 
@@ -104,6 +106,8 @@ SAMPLES_DIR = "samples"
 GENERATE_CHUNK = 256
 LOSSES = ("ns", "hinge")
 FILTERS = ("none", "discriminator", "classifier")
+#: filters of :func:`sample_generator` (``tinyset sample``): the run's, and ``mi``, which reads the dataset
+SAMPLE_FILTERS = (*FILTERS, "mi")
 REFINES = ("none", "project")
 
 _DCGAN = ("Radford, Metz & Chintala, ICLR 2016 (DCGAN), section 4: Adam lr 0.0002 and beta1 0.5 for both networks, "
@@ -493,8 +497,11 @@ def load_discriminator(path: str | Path) -> tuple[Discriminator, str]:
 # ---------------------------------------------------------------------------------- sampling a file
 @dataclass(frozen=True)
 class FilterSettings:
-    """How :func:`sample_generator` keeps the best of ``candidates`` samples per image (the GAN's own
-    ``filter*`` settings; ``seed`` None: the file's ``filter_seed``, else 0)."""
+    """How :func:`sample_generator` keeps the best of ``candidates`` samples per image: ``kind`` one of
+    :data:`SAMPLE_FILTERS`; ``model``, ``epochs`` and ``per_class`` are the GAN's ``filter_*``
+    settings of the classifier filter; ``estimator`` is ``mi``'s (probe or knn, the other options at
+    ``tinyset select --method mi``'s defaults); ``seed`` (None: the file's ``filter_seed``, else 0)
+    seeds the classifier or the ``mi`` scorer."""
 
     kind: str = "none"
     candidates: int = 4
@@ -502,6 +509,7 @@ class FilterSettings:
     epochs: int = 10
     per_class: int = 200
     seed: int | None = None
+    estimator: str = "probe"
 
 
 def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = None,
@@ -516,16 +524,16 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
 
     if ipc < 1:
         raise ConfigError(f"ipc must be >= 1, got {ipc}")
-    if filtering.kind not in FILTERS:
-        raise ConfigError(f"filter {filtering.kind!r} is unknown; expected one of {', '.join(FILTERS)}")
+    if filtering.kind not in SAMPLE_FILTERS:
+        raise ConfigError(f"filter {filtering.kind!r} is unknown; expected one of {', '.join(SAMPLE_FILTERS)}")
     if filtering.candidates < 1:
         raise ConfigError(f"candidates must be >= 1, got {filtering.candidates}")
-    if filtering.kind == "classifier":
-        if filtering.model not in MODELS:
-            raise ConfigError(f"filter model {filtering.model!r} is not a registered architecture; known: "
-                              f"{', '.join(MODELS.names())}")
-        if train is None:
-            raise ConfigError("filter classifier trains on real images: pass the training split of the file's dataset")
+    if filtering.kind == "classifier" and filtering.model not in MODELS:
+        raise ConfigError(f"filter model {filtering.model!r} is not a registered architecture; known: "
+                          f"{', '.join(MODELS.names())}")
+    if filtering.kind in ("classifier", "mi") and train is None:
+        raise ConfigError(f"filter {filtering.kind} learns from real images: pass the training split of the file's "
+                          f"dataset")
     start = time.perf_counter()
     g, header, info = load_generator(path)
     if train is not None and train.info.to_dict() != info.to_dict():
@@ -552,6 +560,10 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
         score = lambda x, y: filter_scores("classifier", x, y, classifier=net)  # noqa: E731
         record.update({"filter_model": filtering.model, "filter_epochs": filtering.epochs,
                        "filter_per_class": filtering.per_class, "filter_seed": fseed})
+    elif filtering.kind == "mi":
+        fseed = filtering.seed if filtering.seed is not None else header.get("filter_seed", 0)
+        record.update({"filter_estimator": filtering.estimator, "filter_seed": fseed})
+        score = lambda x, y: _mi_key(train, x, y, fseed, filtering.estimator, device, precision, record)  # noqa: E731
     if score is not None:
         record["candidates"] = filtering.candidates
     images = draw_set(g, info.num_classes, ipc, seed, score, filtering.candidates)
@@ -560,6 +572,19 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
     if isinstance(run_config, dict):
         meta["generator_run_config"] = run_config
     return SyntheticSet(images, class_blocks(info.num_classes, ipc), info, meta=meta)
+
+
+def _mi_key(train: Any, images: torch.Tensor, labels: torch.Tensor, seed: int, estimator: str,
+            device: torch.device, precision: str, record: dict[str, Any]) -> torch.Tensor:
+    """The ``mi`` selector's ranking key of generated ``images`` for ``labels`` (the label's log-odds
+    under its calibrated probe, or its k-NN ``log p(y|x)`` among real training images), from a scorer
+    fitted on ``train`` alone; the estimator's note goes into ``record``."""
+    from tinyset.select.mi import pmi_scores
+
+    res = pmi_scores(train, make_generator(seed), device, estimator=estimator, precision=precision, extra=images,
+                     extra_labels=labels.cpu())
+    record["filter_note"] = res.note
+    return res.extra_key
 
 
 # ---------------------------------------------------------------------------------- init=gan:PATH
@@ -798,4 +823,5 @@ class GAN(Distiller):
 
 __all__ = ["GAN", "GANConfig", "Generator", "Discriminator", "generate", "project", "load_generator", "save_generator",
            "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE", "SAMPLES_FILE", "draw_set",
-           "filter_scores", "train_filter_classifier", "load_discriminator", "FilterSettings", "sample_generator"]
+           "filter_scores", "train_filter_classifier", "load_discriminator", "FilterSettings", "sample_generator",
+           "SAMPLE_FILTERS"]

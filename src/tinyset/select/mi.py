@@ -98,9 +98,10 @@ def holdout_indices(labels: torch.Tensor, num_classes: int, fraction: float,
 
 def train_and_embed(train: ImageDataset, fit_idx: torch.Tensor, *, model: str, epochs: int, lr: float,
                     batch_size: int, precision: str, device: torch.device, init_seed: int,
-                    shuffle_seed: int) -> torch.Tensor:
+                    shuffle_seed: int, extra: torch.Tensor | None = None) -> torch.Tensor:
     """Train a fresh ``model`` on ``train[fit_idx]`` for ``epochs`` epochs; features ``float32 [N, D]``
-    (CPU) of *every* image of ``train``, in dataset order (eval mode, no gradients)."""
+    (CPU) of *every* image of ``train``, in dataset order (eval mode, no gradients), followed by
+    those of the already normalised images ``extra`` ``[M, C, H, W]`` when given (``[N + M, D]``)."""
     info = train.info
     net = create_model(model, info.channels, info.num_classes, info.image_size, members=1,
                        generator=make_generator(init_seed), device=device)
@@ -116,14 +117,20 @@ def train_and_embed(train: ImageDataset, fit_idx: torch.Tensor, *, model: str, e
     net.eval()
     feats: list[torch.Tensor] = []
     step = 1000
-    with torch.no_grad(), tqdm(total=len(train), desc=f"mi: embedding ({model})", unit="img", disable=None,
+    chunks = [lambda b0: info.normalize(train.images[b0:b0 + step].to(device))]
+    sizes = [len(train)]
+    if extra is not None:
+        chunks.append(lambda b0: extra[b0:b0 + step].to(device))
+        sizes.append(extra.shape[0])
+    with torch.no_grad(), tqdm(total=sum(sizes), desc=f"mi: embedding ({model})", unit="img", disable=None,
                                leave=False) as bar:
-        for b0 in range(0, len(train), step):
-            x = info.normalize(train.images[b0:b0 + step].to(device))
-            with autocast(device, precision):
-                f = net.embed(x)
-            feats.append(f.float().reshape(f.shape[0], -1).cpu())
-            bar.update(x.shape[0])
+        for chunk, size in zip(chunks, sizes):
+            for b0 in range(0, size, step):
+                x = chunk(b0)
+                with autocast(device, precision):
+                    f = net.embed(x)
+                feats.append(f.float().reshape(f.shape[0], -1).cpu())
+                bar.update(x.shape[0])
     emb = torch.cat(feats)
     if not bool(torch.isfinite(emb).all()):
         raise NumericalError(f"mi: the {model} embeddings contain nan or inf (training diverged? try a "
@@ -425,6 +432,81 @@ class MIOptions(SelectorOptions):
     probe_iters: int = hp(100, "probe: L-BFGS iterations", ge=1)
 
 
+@dataclass
+class PMIScores:
+    """What :func:`pmi_scores` computes: per training image (dataset order) the pointwise MI with its
+    label ``scores`` (nats), the ranking ``key`` (the label's log-odds for the probe, ``log p(y|x)``
+    for k-NN; orders every class as ``scores`` does), the reduced embeddings ``z``; for the ``extra``
+    images, their ``extra_scores`` and ``extra_key`` (empty without extras); and a ``note``."""
+
+    scores: torch.Tensor
+    key: torch.Tensor
+    z: torch.Tensor
+    extra_scores: torch.Tensor
+    extra_key: torch.Tensor
+    note: str
+
+
+def pmi_scores(train: ImageDataset, generator: torch.Generator, device: torch.device, *, estimator: str = "probe",
+               model: str = "convnet-w32", epochs: int = 1, max_train: int | None = 10000, val_fraction: float = 0.1,
+               k: int = 10, alpha: float = 1.0, knn_reference: int | None = 20000, dim: int = 64,
+               batch_size: int = 256, lr: float = 0.01, precision: str = "auto", folds: int = 2,
+               probe_l2: float = 1e-3, probe_iters: int = 100, extra: torch.Tensor | None = None,
+               extra_labels: torch.Tensor | None = None) -> PMIScores:
+    """Steps 1-4 of the module docstring: the pointwise MI of every image of ``train`` with its label.
+
+    ``extra`` (normalised images ``[M, C, H, W]``, e.g. a generator's samples) with ``extra_labels``
+    are scored by the same network and estimator without ever being fitted on: they join no
+    hold-out, network training, standardisation, PCA, probe fit, temperature fit or k-NN reference;
+    with the probe they are dealt round-robin to the cross-fitting folds. Six seeds are drawn from
+    ``generator`` first; the scores of ``train`` do not depend on ``extra``."""
+    _check_options(estimator, model, epochs, k, alpha, 0.0, 1, val_fraction, max_train, knn_reference, dim,
+                   batch_size, lr, folds, probe_l2, probe_iters)
+    if train.split == "test":
+        raise ConfigError("mi scores a training split; it was given the test split (the test set is never used "
+                          "for selection)")
+    if (extra is None) != (extra_labels is None) or (extra is not None and extra.shape[0] != extra_labels.shape[0]):
+        raise ConfigError("mi: extra images need one label each (extra and extra_labels together)")
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    info, labels = train.info, train.labels.cpu()
+    num_classes, n = info.num_classes, len(train)
+    split_seed, subset_seed, init_seed, shuffle_seed, fold_seed, ref_seed = (derive_seed(generator) for _ in range(6))
+
+    fit_idx, val_idx = holdout_indices(labels, num_classes, float(val_fraction), make_generator(split_seed))
+    net_idx = fit_idx
+    if max_train is not None and max_train < fit_idx.numel():
+        part = ImageDataset(info, train.split, train.images[fit_idx], labels[fit_idx], train.source)
+        net_idx = fit_idx[stratified_subset(part, int(max_train), 1, make_generator(subset_seed))]
+    z = train_and_embed(train, net_idx, model=model, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
+                        precision=precision, device=device, init_seed=init_seed, shuffle_seed=shuffle_seed,
+                        extra=extra)
+    z = pca_reduce(standardize_(z, fit_idx), fit_idx, int(dim))
+    all_labels = labels if extra_labels is None else torch.cat([labels, extra_labels.cpu().long()])
+
+    if estimator == "probe":
+        fold = stratified_folds(labels, num_classes, int(folds), make_generator(fold_seed))
+        if extra is not None:
+            fold = torch.cat([fold, torch.arange(extra.shape[0]) % int(folds)])
+        log_cond, key, temperature = probe_log_likelihood(z, all_labels, fit_idx, val_idx, fold, num_classes,
+                                                          float(probe_l2), int(probe_iters))
+        note = f"calibrated logistic probe, T={temperature:.4g}"
+    else:
+        u = F.normalize(z, dim=1)
+        reference = None if extra is None else torch.arange(n)  # real training images only
+        if knn_reference is not None and knn_reference < n:
+            reference = stratified_subset(train, int(knn_reference), 1, make_generator(ref_seed))
+        log_cond = knn_log_likelihood(u, all_labels, num_classes, int(k), float(alpha), reference)
+        key = log_cond
+        del u
+        note = f"k-NN, k={k}, alpha={alpha:g}"
+    prior = torch.bincount(labels, minlength=num_classes).to(torch.float64) / n
+    scores = log_cond - torch.log(prior)[all_labels]
+    if bool(torch.isnan(scores).any()):
+        raise NumericalError("mi: the pointwise MI scores contain nan")
+    return PMIScores(scores[:n], key[:n], z[:n], scores[n:], key[n:], note)
+
+
 @SELECTORS.register("mi", help="per class, highest pointwise mutual information log p(y|x) - log p(y) on "
                                "embeddings of a briefly trained ConvNet (calibrated probe or k-NN)")
 @with_options(MIOptions)
@@ -439,54 +521,20 @@ def mi_select(train: ImageDataset, ipc: int, generator: torch.Generator, device:
     _check_options(estimator, model, epochs, k, alpha, diversity, strata, val_fraction, max_train, knn_reference, dim,
                    batch_size, lr, folds, probe_l2, probe_iters)
     check_strata(int(strata), int(ipc))
-    if train.split == "test":
-        raise ConfigError("mi selects from a training split; it was given the test split (the test set is "
-                          "never used for selection)")
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    info, labels = train.info, train.labels.cpu()
-    num_classes = info.num_classes
-    # every seed is drawn up front, so the draws do not depend on the options
-    split_seed, subset_seed, init_seed, shuffle_seed, fold_seed, ref_seed, tie_seed = (
-        derive_seed(generator) for _ in range(7))
-
-    fit_idx, val_idx = holdout_indices(labels, num_classes, float(val_fraction), make_generator(split_seed))
-    net_idx = fit_idx
-    if max_train is not None and max_train < fit_idx.numel():
-        part = ImageDataset(info, train.split, train.images[fit_idx], labels[fit_idx], train.source)
-        net_idx = fit_idx[stratified_subset(part, int(max_train), 1, make_generator(subset_seed))]
-    z = train_and_embed(train, net_idx, model=model, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
-                        precision=precision, device=device, init_seed=init_seed, shuffle_seed=shuffle_seed)
-    z = pca_reduce(standardize_(z, fit_idx), fit_idx, int(dim))
-
-    if estimator == "probe":
-        fold = stratified_folds(labels, num_classes, int(folds), make_generator(fold_seed))
-        log_cond, key, temperature = probe_log_likelihood(z, labels, fit_idx, val_idx, fold, num_classes,
-                                                          float(probe_l2), int(probe_iters))
-        note = f"calibrated logistic probe, T={temperature:.4g}"
-    else:
-        u = F.normalize(z, dim=1)
-        reference = None
-        if knn_reference is not None and knn_reference < len(train):
-            reference = stratified_subset(train, int(knn_reference), 1, make_generator(ref_seed))
-        log_cond = knn_log_likelihood(u, labels, num_classes, int(k), float(alpha), reference)
-        key = log_cond
-        del u
-        note = f"k-NN, k={k}, alpha={alpha:g}"
-    prior = torch.bincount(labels, minlength=num_classes).to(torch.float64) / len(train)
-    scores = log_cond - torch.log(prior)[labels]
-    if bool(torch.isnan(scores).any()):
-        raise NumericalError("mi: the pointwise MI scores contain nan")
-
-    tie_order = torch.randperm(len(train), generator=make_generator(tie_seed))
-    idx = choose(scores, key, labels, num_classes, ipc, z, float(diversity), tie_order, int(strata))
-    return Selection(idx, scores, order_note=f"mi: pointwise MI log p(y|x) - log p(y) in nats ({note}); per class "
-                                              f"the highest" + (f", greedy with diversity {diversity:g} x max "
-                                                               f"cosine similarity" if diversity else "")
-                                              + (f", in each of {strata} score bands" if strata > 1 else ""))
+    res = pmi_scores(train, generator, device, estimator=estimator, model=model, epochs=epochs, max_train=max_train,
+                     val_fraction=val_fraction, k=k, alpha=alpha, knn_reference=knn_reference, dim=dim,
+                     batch_size=batch_size, lr=lr, precision=precision, folds=folds, probe_l2=probe_l2,
+                     probe_iters=probe_iters)
+    tie_order = torch.randperm(len(train), generator=make_generator(derive_seed(generator)))
+    idx = choose(res.scores, res.key, train.labels.cpu(), train.info.num_classes, ipc, res.z, float(diversity),
+                 tie_order, int(strata))
+    return Selection(idx, res.scores, order_note=f"mi: pointwise MI log p(y|x) - log p(y) in nats ({res.note}); per "
+                                                  f"class the highest" + (f", greedy with diversity {diversity:g} x "
+                                                                          f"max cosine similarity" if diversity else "")
+                                                  + (f", in each of {strata} score bands" if strata > 1 else ""))
 
 
 __all__ = ["ESTIMATORS", "MIOptions", "band_quotas", "check_strata", "holdout_indices", "train_and_embed",
            "standardize_", "fit_probe", "fit_temperature",
            "label_log_odds", "log_prob_of_label", "stratified_folds", "probe_log_likelihood", "pca_reduce",
-           "knn_log_likelihood", "DiversityCriterion", "choose", "mi_select"]
+           "knn_log_likelihood", "DiversityCriterion", "choose", "mi_select", "PMIScores", "pmi_scores"]

@@ -28,7 +28,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    help="fetch missing dataset files from the official mirrors (checksums verified)")
 
 
-def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> None:
+def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True, seed: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto: cuda when available (default)")
     p.add_argument("--threads", type=number(int, low=1, high=MAX_THREADS), default=None, help=THREADS_HELP)
     if precision:
@@ -36,7 +36,8 @@ def add_runtime_options(p: argparse.ArgumentParser, precision: bool = True) -> N
                        help="autocast precision: auto = bf16 only on a CPU with native bf16 (AVX512-BF16/AMX), "
                             "fp32 on CUDA and on other CPUs; a distillation method may pin auto to fp32 "
                             "(`tinyset methods NAME` says so)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
 
 
 def number(kind: type = float, *, low: float | None = None, high: float | None = None,

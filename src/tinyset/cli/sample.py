@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="also write what was sampled (settings, time) as JSON")
     add_force(p, "--out / --json file")
     add_data_options(p)
-    add_runtime_options(p)
+    add_runtime_options(p, seed=False)  # its seeds are --sample-seed and --filter-seed
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from tinyset.errors import ArtifactError, ConfigError
 from tinyset.methods.gan import (GENERATOR_FILE, FilterSettings, class_blocks, generate, load_discriminator,
                                  load_generator, read_generator_header, sample_generator, save_generator)
 from tinyset.methods.loop import distill
+from tinyset.results import result_from_dict
 from tinyset.synset import SyntheticSet
 
 SMALL = {"width": "4", "z_dim": "8", "embed_dim": "4", "batch_real": "4", "sample_every": "3", "sample_cols": "3"}
@@ -156,7 +157,10 @@ def test_the_command_writes_the_set_and_never_overwrites(runs, tmp_path, capsys)
     assert "best of 3 by the discriminator" in capsys.readouterr().out
     assert torch.equal(SyntheticSet.load(out).images, synset.images)
     record = json.loads(js.read_text())
-    assert record["ipc"] == 3 and record["gan"]["filter"] == "discriminator" and record["runtime"]["threads"] == 1
+    assert record["kind"] == "sampling" and record["schema"] == "tinyset.result"
+    assert record["ipc"] == 3 and record["sampling"]["filter"] == "discriminator" and record["runtime"]["threads"] == 1
+    back = result_from_dict(record)
+    assert back.generator == str(path) and back.file == str(out) and back.sampling["candidates"] == 3
     before = out.read_bytes()
     assert main(args) == 2  # exists: refused, nothing lost
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before

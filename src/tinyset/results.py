@@ -1,9 +1,10 @@
-"""The results of ``evaluate``, ``baseline``, ``select`` and ``distill``: one typed, versioned schema.
+"""The results of ``evaluate``, ``baseline``, ``select``, ``distill`` and ``sample``: one typed, versioned schema.
 
 Every result is a dataclass with :meth:`to_dict` (what ``--json`` writes). Each JSON document starts
 with the same three keys::
 
-    {"schema": "tinyset.result", "schema_version": 1, "kind": "evaluation" | "selection" | "distillation", ...}
+    {"schema": "tinyset.result", "schema_version": 1,
+     "kind": "evaluation" | "selection" | "distillation" | "sampling", ...}
 
 ``kind`` says which of the classes below the rest follows; :func:`result_from_dict` reads any of
 them back. Fields are added with new versions, never renamed within one.
@@ -180,7 +181,23 @@ class DistillationResult(_Result):
     best: dict[str, Any] | None = None
 
 
-_KINDS = {c.kind: c for c in (EvaluationResult, SelectionResult, DistillationResult)}
+@dataclass
+class SamplingResult(_Result):
+    """What ``tinyset sample`` made: a set of ``ipc`` samples per class from a generator file, and how
+    (``sampling``: the generator's iteration, sample seed, filter and its settings)."""
+
+    kind: ClassVar[str] = "sampling"
+    generator: str
+    dataset: str
+    ipc: int
+    seconds: float
+    sampling: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)
+    file: str | None = None
+    synset: Any = field(default=None, metadata={"runtime_only": True})
+
+
+_KINDS = {c.kind: c for c in (EvaluationResult, SelectionResult, DistillationResult, SamplingResult)}
 
 
 def result_from_dict(d: dict[str, Any]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tinyset.cli.common import (add_data_options, add_force, add_runtime_options, check_distinct, check_json_out,
-                                load_split, number)
+                                load_split, number, write_result_json)
 
 HELP = "draw a synthetic set from a GAN run's generator file (any ipc, optional filter) without retraining"
 
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the run's, stored in the file, else 0)")
     p.add_argument("--dataset", default=None,
                    help="where the filter classifier's real images come from (default: the dataset named in the file)")
-    p.add_argument("--json", dest="json_out", default=None, help="also write what was sampled (settings, time) as JSON")
+    p.add_argument("--json", dest="json_out", default=None,
+                   help="also write what was sampled (settings, time) as JSON (kind sampling of the results schema)")
     add_force(p, "--out / --json file")
     add_data_options(p)
     add_runtime_options(p, seed=False)  # its seeds are --sample-seed and --filter-seed
@@ -52,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinyset.errors import ConfigError
-    from tinyset.files import check_output_file, write_json
+    from tinyset.files import check_output_file
     from tinyset.methods.gan import FilterSettings, load_discriminator, read_generator_header, sample_generator
     from tinyset.models import MODELS
+    from tinyset.results import SamplingResult
 
     check_distinct("--out", args.out, "the generator file", args.generator)
     check_output_file(args.out, force=args.force, flag="--out")
@@ -78,10 +80,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampled {len(synset)} images ({args.ipc} per class) of {info.name} from {args.generator} (iteration "
           f"{record['generator_iteration']}, sample seed {record['sample_seed']}{how}) in "
           f"{synset.meta['seconds']:.1f} s: {args.out}")
-    if args.json_out is not None:
-        write_json(args.json_out, {"file": str(args.out), "ipc": args.ipc, "dataset": info.name,
-                                   "runtime": rt.to_dict(), **{k: synset.meta[k] for k in ("seconds", "gan")}})
-        print(f"results written to {args.json_out}")
+    write_result_json(args, SamplingResult(str(args.generator), info.name, args.ipc, synset.meta["seconds"], record,
+                                           rt.to_dict(), str(args.out)))
     return 0
 
 

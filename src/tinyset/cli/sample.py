@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the filter classifier (its images and weights) or of the mi scorer (default: "
                         "the run's, stored in the file, else 0)")
     p.add_argument("--dataset", default=None,
-                   help="where the filter classifier's real images come from (default: the dataset named in the file)")
+                   help="the training split the classifier and mi filters learn from (default: the dataset named in "
+                        "the file)")
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write what was sampled (settings, time) as JSON (kind sampling of the results schema)")
     add_force(p, "--out / --json file")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, force=args.force, flag="--out")
     check_distinct("--json", args.json_out, "--out", args.out)
     check_json_out(args)
-    header, info = read_generator_header(args.generator)
+    _, info = read_generator_header(args.generator)
     if args.filter == "discriminator":
         load_discriminator(args.generator)  # refused now, before any work, if the run has none to give
     if args.filter == "classifier" and args.filter_model not in MODELS:

@@ -631,7 +631,8 @@ class GANConfig(DistillConfig):
     beta1: float = hp(0.5, "Adam beta1 of both networks", ge=0, lt=1)
     beta2: float = hp(0.999, "Adam beta2 of both networks", ge=0, lt=1)
     filter: str = hp("none", "keep the best of `candidates` samples per image: none, discriminator (highest "
-                             "D(x, y)) or classifier (most confident correct class)", choices=FILTERS)
+                             "D(x, y)) or classifier (most confident correct class); on MNIST both lost accuracy "
+                             "(less varied samples; docs/measurements.md)", choices=FILTERS)
     candidates: int = hp(4, "samples generated per kept image when filtering", ge=1, le=1000)
     filter_model: str = hp("convnet-w32", "classifier of filter=classifier (see `tinyset models`)")
     filter_epochs: int = hp(10, "epochs of the filter classifier", ge=1, le=10000)

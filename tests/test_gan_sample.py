@@ -228,3 +228,15 @@ def test_the_command_filters_by_mi(runs, tmp_path, capsys):
     assert "best of 2 by the mi" in capsys.readouterr().out
     meta = SyntheticSet.load(out).meta["gan"]
     assert meta["filter"] == "mi" and meta["filter_estimator"] == "knn" and meta["filter_seed"] >= 0
+
+
+def test_the_python_call_returns_a_sampling_result(runs, digits):
+    from tinyset import api
+
+    path, synset = runs["classifier"]
+    res = api.sample(path, 3, filter="classifier", candidates=3, train=digits, model="mlp", epochs=2, per_class=20)
+    assert res.kind == "sampling" and res.dataset == "digits" and res.ipc == 3
+    assert torch.equal(res.synset.images, synset.images)  # the run's own settings: the run's own set
+    assert res.sampling["filter_model"] == "mlp" and res.to_dict()["sampling"]["candidates"] == 3
+    with pytest.raises(TypeError):
+        api.sample(path, 3, colour="blue")

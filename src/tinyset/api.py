@@ -1,4 +1,4 @@
-"""The library in four calls, for Python users (the command line is a thin layer over the same calls).
+"""The library in five calls, for Python users (the command line is a thin layer over the same calls).
 
     from tinyset.api import distill, select, evaluate, baseline, load_dataset
 
@@ -9,8 +9,9 @@
     print(res.score("convnet").mean, res.to_dict()["schema"])
 
 Every call takes plain arguments (datasets, names, numbers, paths) and returns a typed result from
-:mod:`tinyset.results` (``DistillationResult``, ``SelectionResult``, ``EvaluationResult``), whose
-``to_dict()`` is the JSON the command line writes.
+:mod:`tinyset.results` (``DistillationResult``, ``SelectionResult``, ``EvaluationResult``,
+``SamplingResult``), whose ``to_dict()`` is the JSON the command line writes. :func:`sample` draws a
+set from the generator file of a ``gan`` run.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from tinyset.data import load_dataset
 from tinyset.evaluate import Protocol, evaluate_full, evaluate_synset
 from tinyset.methods.loop import distill
-from tinyset.results import DistillationResult, EvaluationResult, SelectionResult
+from tinyset.results import DistillationResult, EvaluationResult, SamplingResult, SelectionResult
 from tinyset.select import select
 from tinyset.synset import SyntheticSet
 
@@ -59,5 +60,22 @@ def baseline(train: Any, test: Any, models: Sequence[str] = ("convnet",), protoc
                          device=device)
 
 
-__all__ = ["distill", "select", "evaluate", "baseline", "load_dataset", "DistillationResult", "SelectionResult",
-           "EvaluationResult", "Protocol", "SyntheticSet"]
+def sample(generator: str | os.PathLike, ipc: int, *, filter: str = "none", candidates: int = 4,
+           sample_seed: int | None = None, filter_seed: int | None = None, train: Any = None,
+           device: str | torch.device = "cpu", precision: str = "fp32", **filter_options: Any) -> SamplingResult:
+    """``ipc`` samples per class from a ``gan`` run's generator file (``RUN/generator.safetensors``),
+    optionally the best of ``candidates`` per image by ``filter`` (``none``, ``discriminator``,
+    ``classifier`` or ``mi``; the last two need ``train``, the training split of the file's dataset).
+    ``filter_options``: ``model``, ``epochs``, ``per_class`` (classifier) and ``estimator`` (mi) of
+    :class:`tinyset.methods.gan.FilterSettings`. The set is ``result.synset``."""
+    from tinyset.methods.gan import FilterSettings, sample_generator
+
+    filtering = FilterSettings(filter, candidates, seed=filter_seed, **filter_options)
+    synset = sample_generator(generator, ipc, sample_seed=sample_seed, filtering=filtering, train=train,
+                              device=device, precision=precision)
+    return SamplingResult(str(generator), synset.info.name, ipc, synset.meta["seconds"], synset.meta["gan"],
+                          synset=synset)
+
+
+__all__ = ["distill", "select", "evaluate", "baseline", "sample", "load_dataset", "DistillationResult",
+           "SelectionResult", "EvaluationResult", "SamplingResult", "Protocol", "SyntheticSet"]

@@ -55,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tinyset.errors import ConfigError
     from tinyset.files import check_output_file
-    from tinyset.methods.gan import FilterSettings, load_discriminator, read_generator_header, sample_generator
+    from tinyset.api import sample
+    from tinyset.methods.gan import load_discriminator, read_generator_header
     from tinyset.models import MODELS
-    from tinyset.results import SamplingResult
 
     check_distinct("--out", args.out, "the generator file", args.generator)
     check_output_file(args.out, force=args.force, flag="--out")
@@ -71,18 +71,17 @@ def run(args: argparse.Namespace) -> int:
                           f"{', '.join(MODELS.names())}")
     train = load_split(args, args.dataset or info.name, "train") if args.filter in ("classifier", "mi") else None
     rt = args.runtime
-    filtering = FilterSettings(args.filter, args.candidates, args.filter_model, args.filter_epochs,
-                               args.filter_per_class, args.filter_seed, args.mi_estimator)
-    synset = sample_generator(args.generator, args.ipc, sample_seed=args.sample_seed, filtering=filtering, train=train,
-                              device=rt.device, precision=rt.precision)
-    synset.save(args.out)
-    record = synset.meta["gan"]
+    res = sample(args.generator, args.ipc, filter=args.filter, candidates=args.candidates,
+                 sample_seed=args.sample_seed, filter_seed=args.filter_seed, train=train, device=rt.device,
+                 precision=rt.precision, model=args.filter_model, epochs=args.filter_epochs,
+                 per_class=args.filter_per_class, estimator=args.mi_estimator)
+    res.synset.save(args.out)
+    res.file, res.runtime = str(args.out), rt.to_dict()
     how = "" if args.filter == "none" else f", best of {args.candidates} by the {args.filter}"
-    print(f"sampled {len(synset)} images ({args.ipc} per class) of {info.name} from {args.generator} (iteration "
-          f"{record['generator_iteration']}, sample seed {record['sample_seed']}{how}) in "
-          f"{synset.meta['seconds']:.1f} s: {args.out}")
-    write_result_json(args, SamplingResult(str(args.generator), info.name, args.ipc, synset.meta["seconds"], record,
-                                           rt.to_dict(), str(args.out)))
+    print(f"sampled {len(res.synset)} images ({args.ipc} per class) of {info.name} from {args.generator} (iteration "
+          f"{res.sampling['generator_iteration']}, sample seed {res.sampling['sample_seed']}{how}) in "
+          f"{res.seconds:.1f} s: {args.out}")
+    write_result_json(args, res)
     return 0
 
 

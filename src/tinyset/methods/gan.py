@@ -491,7 +491,7 @@ def load_discriminator(path: str | Path) -> tuple[Discriminator, str]:
             d.pool_mean = bool(config.get("pool_mean", False))
             return _fit_weights(d, state, ckpt, "discriminator"), str(ckpt)
     raise ArtifactError(f"{path}: this generator file holds no discriminator (written before tinyset stored it) and "
-                        f"{why}; sample with filter none or classifier")
+                        f"{why}; sample with filter none, classifier or mi")
 
 
 # ---------------------------------------------------------------------------------- sampling a file
@@ -515,10 +515,10 @@ class FilterSettings:
 def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = None,
                      filtering: FilterSettings = FilterSettings(), train: Any = None,
                      device: str | torch.device = "cpu", precision: str = "fp32") -> Any:
-    """A synthetic set of ``ipc`` samples per class from a generator file, without training anything
-    but (for ``filtering.kind == "classifier"``) the filter classifier on ``train`` (the training split
-    of the file's dataset). ``sample_seed`` None uses the file's: with the run's ``ipc`` and filter
-    settings that is the run's own set, image for image. Hard labels."""
+    """A synthetic set of ``ipc`` samples per class from a generator file. Nothing is trained but, for
+    the ``classifier`` and ``mi`` filters, the scoring network on ``train`` (the training split of the
+    file's dataset). ``sample_seed`` None uses the file's: with the run's ``ipc`` and filter settings
+    that is the run's own set, image for image. Hard labels."""
     from tinyset.models import MODELS
     from tinyset.synset import SyntheticSet
 

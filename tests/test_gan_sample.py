@@ -10,8 +10,9 @@ from conftest import tiny_dataset
 from tinyset.cli import main
 from tinyset.data import load_dataset
 from tinyset.errors import ArtifactError, ConfigError
-from tinyset.methods.gan import (GENERATOR_FILE, FilterSettings, class_blocks, generate, load_discriminator,
-                                 load_generator, read_generator_header, sample_generator, save_generator)
+from tinyset.methods.gan import (GENERATOR_FILE, REAL_DATA_FILTERS, FilterClassifier, FilterSettings, class_blocks,
+                                 generate, herding_scores, load_discriminator, load_generator, read_generator_header,
+                                 sample_generator, save_generator)
 from tinyset.methods.loop import distill
 from tinyset.results import result_from_dict
 from tinyset.synset import SyntheticSet
@@ -37,17 +38,17 @@ def _run(root, data, filter_, ipc=3):
 def runs(tmp_path_factory, digits):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sample")
-    return {f: _run(root, digits, f) for f in ("none", "discriminator", "classifier")}
+    return {f: _run(root, digits, f) for f in ("none", "discriminator", "classifier", "herding")}
 
 
 def _settings(kind, **kw):
     return FilterSettings(kind, candidates=3, model="mlp", epochs=2, per_class=20, **kw)
 
 
-@pytest.mark.parametrize("kind", ["none", "discriminator", "classifier"])
+@pytest.mark.parametrize("kind", ["none", "discriminator", "classifier", "herding"])
 def test_the_runs_own_settings_give_the_runs_own_set(runs, digits, kind):
     path, synset = runs[kind]
-    again = sample_generator(path, 3, filtering=_settings(kind), train=digits if kind == "classifier" else None,
+    again = sample_generator(path, 3, filtering=_settings(kind), train=digits if kind in REAL_DATA_FILTERS else None,
                              precision="fp32")
     assert torch.equal(again.images, synset.images) and torch.equal(again.labels, synset.labels)
     assert again.label_kind == "hard" and again.meta["gan"]["filter"] == kind
@@ -87,6 +88,53 @@ def test_the_classifier_filter_depends_on_its_seed_and_records_it(runs, digits):
     rec = other.meta["gan"]
     assert rec["filter_seed"] == 5 and rec["filter_model"] == "mlp" and rec["candidates"] == 3
     assert other.images.shape == synset.images.shape
+
+
+class _Flat(torch.nn.Module):
+    """A stand-in filter network whose embedding is the image itself."""
+
+    def embed(self, x):
+        return x.flatten(1)
+
+
+def test_herding_scores_match_the_real_class_mean_in_the_classifier_features():
+    from tinyset.select.herding import herding_order
+
+    real = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0], [0.0, 5.0]]).view(4, 1, 1, 2)
+    real_labels = torch.tensor([0, 0, 1, 1])  # class means (0, 0) and (0, 4)
+    cand = torch.tensor([[0.1, 0.0], [0.2, 0.0], [2.0, 0.0], [-2.0, 0.0],  # class 0
+                         [0.0, 0.0], [0.0, 4.5], [0.0, 9.0], [0.0, 3.9]]).view(8, 1, 1, 2)  # class 1
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = herding_scores(cand, labels, FilterClassifier(_Flat(), real, real_labels))
+    # class 0, towards (0, 0): (0.1, 0) is nearest; the pair's mean with (0.2, 0) is 0.15 (with (-2, 0):
+    # -0.95); the triple's with (-2, 0) is -0.57 (with (2, 0): 0.77); (2, 0) last
+    assert scores[:4].tolist() == [0.0, -1.0, -3.0, -2.0]
+    # class 1, towards the real mean (0, 4), not its candidates' own mean (0, 4.35), which would start with
+    # (0, 4.5): (0, 3.9); then (0, 4.5) (pair mean 4.2); then (0, 0) (2.8, against 5.8 with (0, 9)); (0, 9) last
+    assert scores[4:].tolist() == [-2.0, -1.0, -3.0, 0.0]
+    assert herding_order(cand[4:].flatten(1), 1).tolist() == [1]
+    with pytest.raises(ConfigError, match="no real training image of class 2"):
+        herding_scores(cand, torch.tensor([0, 0, 0, 0, 1, 1, 2, 2]), FilterClassifier(_Flat(), real, real_labels))
+
+
+def test_the_herding_filter_keeps_the_first_herding_picks(runs, digits):
+    path, _ = runs["none"]
+    kept = sample_generator(path, 2, filtering=_settings("herding", seed=3), train=digits, precision="fp32")
+    rec = kept.meta["gan"]
+    assert rec["filter"] == "herding" and rec["filter_seed"] == 3 and rec["candidates"] == 3
+    g, header, _ = load_generator(path)
+    labels = class_blocks(10, 6)
+    pool = generate(g, labels, header["sample_seed"])
+    from tinyset.data.base import RealPool
+    from tinyset.methods.gan import train_filter_classifier
+
+    clf = train_filter_classifier(RealPool(digits, "cpu"), "mlp", 20, 2, 3, "cpu", "fp32")
+    scores = herding_scores(pool, labels, clf).view(10, 6)
+    for c in range(10):
+        first = torch.sort(scores[c], descending=True, stable=True).indices[:2] + 6 * c
+        assert torch.equal(kept.images[2 * c:2 * c + 2], pool[first])
+    with pytest.raises(ConfigError, match="filter herding learns from real images"):
+        sample_generator(path, 2, filtering=_settings("herding"))
 
 
 def _old_file(path, folder, iteration=4):
@@ -240,3 +288,17 @@ def test_the_python_call_returns_a_sampling_result(runs, digits):
     assert res.sampling["filter_model"] == "mlp" and res.to_dict()["sampling"]["candidates"] == 3
     with pytest.raises(TypeError):
         api.sample(path, 3, colour="blue")
+
+
+def test_the_command_filters_by_herding(runs, tmp_path, capsys):
+    path, _ = runs["none"]
+    out = tmp_path / "herding.safetensors"
+    assert main(["sample", str(path), "--ipc", "2", "--filter", "herding", "--candidates", "3", "--filter-model", "mlp",
+                 "--filter-epochs", "2", "--filter-per-class", "20", "--filter-seed", "3", "--out", str(out),
+                 "--threads", "1", "--precision", "fp32"]) == 0
+    assert "best of 3 by the herding" in capsys.readouterr().out
+    meta = SyntheticSet.load(out).meta["gan"]
+    assert meta["filter"] == "herding" and meta["filter_model"] == "mlp" and meta["filter_seed"] == 3
+    assert main(["sample", str(path), "--ipc", "2", "--filter", "herding", "--filter-model", "nope",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "is not a registered architecture" in capsys.readouterr().err

@@ -59,6 +59,16 @@ def test_herding_order_by_hand() -> None:
     # differs from "closest to the mean first", which would give [2, 1, 0, 3]
 
 
+def test_herding_order_towards_a_given_mean() -> None:
+    # target 4.5 instead of the rows' mean 2.25: first 6 (|6 - 4.5| = 1.5 beats |2 - 4.5|); then {6, e}
+    # closest to 4.5 -> e=2 (mean 4.0); then {6, 2, e} -> e=1 (mean 3.0) beats e=0 (mean 2.67)
+    emb = torch.tensor([[0.0], [1.0], [2.0], [6.0]])
+    assert herding_order(emb, 4, mu=torch.tensor([4.5])).tolist() == [3, 2, 1, 0]
+    assert herding_order(emb, 4, mu=emb.mean(dim=0)).tolist() == herding_order(emb, 4).tolist()
+    with pytest.raises(ValueError, match="target mean has shape"):
+        herding_order(emb, 2, mu=torch.zeros(2))
+
+
 def test_herding_order_2d_and_ties() -> None:
     # square corners + centre: centre is the mean; then the running mean {centre, corner} is
     # best matched by the corner opposite the last one picked

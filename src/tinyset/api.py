@@ -65,8 +65,9 @@ def sample(generator: str | os.PathLike, ipc: int, *, filter: str = "none", cand
            device: str | torch.device = "cpu", precision: str = "fp32", **filter_options: Any) -> SamplingResult:
     """``ipc`` samples per class from a ``gan`` run's generator file (``RUN/generator.safetensors``),
     optionally the best of ``candidates`` per image by ``filter`` (``none``, ``discriminator``,
-    ``classifier`` or ``mi``; the last two need ``train``, the training split of the file's dataset).
-    ``filter_options``: ``model``, ``epochs``, ``per_class`` (classifier) and ``estimator`` (mi) of
+    ``classifier``, ``herding`` or ``mi``; the last three need ``train``, the training split of the
+    file's dataset). ``filter_options``: ``model``, ``epochs``, ``per_class`` (classifier and
+    herding) and ``estimator`` (mi) of
     :class:`tinyset.methods.gan.FilterSettings`. The set is ``result.synset``."""
     from tinyset.methods.gan import FilterSettings, sample_generator
 

@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the best of --candidates samples per image: none; discriminator (highest D(x, y) of "
                         "the run's discriminator: from the file, or from an older file's run checkpoint of the same "
                         "iteration); classifier (highest log p(y|x) of a "
-                        "classifier trained briefly on real training images; reads the dataset); mi (highest "
+                        "classifier trained briefly on real training images; reads the dataset); herding (the "
+                        "candidates whose mean embedding in that classifier's features comes closest to its real "
+                        "training images' class mean, picked one at a time, so a class keeps its variety; reads the "
+                        "dataset); mi (highest "
                         "pointwise mutual information with the label, scored as `tinyset select --method mi` "
                         "scores real images, by a scorer fitted on real training images; reads the dataset)")
     p.add_argument("--candidates", type=number(int, low=1, high=1000), default=d.candidates,
@@ -40,11 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--filter mi: the p(y|x) estimator, probe (calibrated logistic probe) or knn (vote of the "
                         f"nearest real training images) (default: {d.estimator})")
     p.add_argument("--filter-seed", type=number(int, low=0, high=2**63 - 1), default=None,
-                   help="seed of the filter classifier (its images and weights) or of the mi scorer (default: "
-                        "the run's, stored in the file, else 0)")
+                   help="seed of the filter classifier (its images and weights; classifier and herding) or of the mi "
+                        "scorer (default: the run's, stored in the file, else 0)")
     p.add_argument("--dataset", default=None,
-                   help="the training split the classifier and mi filters learn from (default: the dataset named in "
-                        "the file)")
+                   help="the training split the classifier, herding and mi filters learn from (default: the "
+                        "dataset named in the file)")
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write what was sampled (settings, time) as JSON (kind sampling of the results schema)")
     add_force(p, "--out / --json file")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from tinyset.errors import ConfigError
     from tinyset.files import check_output_file
     from tinyset.api import sample
-    from tinyset.methods.gan import load_discriminator, read_generator_header
+    from tinyset.methods.gan import CLASSIFIER_FILTERS, REAL_DATA_FILTERS, load_discriminator, read_generator_header
     from tinyset.models import MODELS
 
     check_distinct("--out", args.out, "the generator file", args.generator)
@@ -66,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     _, info = read_generator_header(args.generator)
     if args.filter == "discriminator":
         load_discriminator(args.generator)  # refused now, before any work, if the run has none to give
-    if args.filter == "classifier" and args.filter_model not in MODELS:
+    if args.filter in CLASSIFIER_FILTERS and args.filter_model not in MODELS:
         raise ConfigError(f"--filter-model {args.filter_model!r} is not a registered architecture; known: "
                           f"{', '.join(MODELS.names())}")
-    train = load_split(args, args.dataset or info.name, "train") if args.filter in ("classifier", "mi") else None
+    train = load_split(args, args.dataset or info.name, "train") if args.filter in REAL_DATA_FILTERS else None
     rt = args.runtime
     res = sample(args.generator, args.ipc, filter=args.filter, candidates=args.candidates,
                  sample_seed=args.sample_seed, filter_seed=args.filter_seed, train=train, device=rt.device,

@@ -45,7 +45,12 @@ many samples per class and keeps the ``ipc`` best of each class:
 * ``classifier``: the highest ``log p(y | x)`` of a classifier (``filter_model``) trained briefly on
   ``filter_per_class`` real training images per class (``filter_epochs`` epochs of the shared SGD
   loop, its own seed), i.e. the most confidently correct samples. With balanced classes this is the
-  ranking by pointwise mutual information with the label, ``log p(y | x) - log p(y)``.
+  ranking by pointwise mutual information with the label, ``log p(y | x) - log p(y)``;
+* ``herding``: herding (Welling 2009; the ``herding`` selector's greedy rule) in the features of that
+  classifier, towards the mean feature of its real training images of the class: the ``ipc``
+  candidates picked one at a time so that their running mean stays closest to the real class mean.
+  The two filters above keep the samples a critic likes most, and those look alike; herding keeps
+  a set that is spread like the real class, and corrects a generator whose class mean is off.
 
 **Refinement** (``refine=project``; the report's "MPS1 with GAN", issue #11): instead of samples, the
 set is the generator's *projection* of the run's ``init`` images (e.g. ``init=file:SEL.safetensors``
@@ -105,9 +110,13 @@ SAMPLES_DIR = "samples"
 #: images generated per forward pass when sampling (a fixed chunk: results do not depend on the count)
 GENERATE_CHUNK = 256
 LOSSES = ("ns", "hinge")
-FILTERS = ("none", "discriminator", "classifier")
+FILTERS = ("none", "discriminator", "classifier", "herding")
 #: filters of :func:`sample_generator` (``tinyset sample``): the run's, and ``mi``, which reads the dataset
 SAMPLE_FILTERS = (*FILTERS, "mi")
+#: filters that train the filter classifier (``filter_model``) on real training images
+CLASSIFIER_FILTERS = ("classifier", "herding")
+#: filters that learn from real training images (``tinyset sample`` reads the dataset for them)
+REAL_DATA_FILTERS = (*CLASSIFIER_FILTERS, "mi")
 REFINES = ("none", "project")
 
 _DCGAN = ("Radford, Metz & Chintala, ICLR 2016 (DCGAN), section 4: Adam lr 0.0002 and beta1 0.5 for both networks, "
@@ -280,11 +289,21 @@ def draw_set(g: Generator, num_classes: int, ipc: int, seed: int,
     return pool[keep.to(pool.device)].cpu()
 
 
+@dataclass(frozen=True)
+class FilterClassifier:
+    """The trained filter network and the real images (with their labels) it was trained on."""
+
+    net: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
 def train_filter_classifier(pool: RealPool, model: str, per_class: int, epochs: int, seed: int,
-                            device: str | torch.device = "cpu", precision: str = "fp32") -> nn.Module:
-    """The classifier of ``filter=classifier``: ``model`` trained for ``epochs`` epochs of the shared
-    SGD loop (lr 0.01, batch 256) on ``per_class`` random real images of every class (fewer if a class
-    has fewer); images and weights drawn from ``seed``. Returned in eval mode."""
+                            device: str | torch.device = "cpu", precision: str = "fp32") -> FilterClassifier:
+    """The classifier of ``filter=classifier`` and ``filter=herding``: ``model`` trained for ``epochs``
+    epochs of the shared SGD loop (lr 0.01, batch 256) on ``per_class`` random real images of every
+    class (fewer if a class has fewer); images and weights drawn from ``seed``. The network is
+    returned in eval mode, with its training images."""
     from tinyset.models import create_model
     from tinyset.training import TrainSettings, train_ensemble
 
@@ -294,22 +313,54 @@ def train_filter_classifier(pool: RealPool, model: str, per_class: int, epochs: 
     settings = TrainSettings(epochs=epochs, lr=0.01, batch_size=256, precision=precision)
     with torch.enable_grad():  # callers may sample under no_grad
         train_ensemble(net, images, labels, settings, g)
-    return net.eval()
+    return FilterClassifier(net.eval(), images, labels)
+
+
+def _embed_chunks(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([net.embed(images[i:i + GENERATE_CHUNK]).float().flatten(1)
+                      for i in range(0, len(images), GENERATE_CHUNK)])
+
+
+def herding_scores(images: torch.Tensor, labels: torch.Tensor, classifier: FilterClassifier) -> torch.Tensor:
+    """``filter=herding``: per class, the candidates in herding order (:func:`tinyset.select.herding.herding_order`)
+    towards the mean embedding of the classifier's real training images of that class; the ``t``-th
+    pick scores ``-t``. The kept ``ipc`` are the first ``ipc`` picks: the candidates whose mean
+    embedding comes closest to the real class mean, one at a time, which keeps a class's spread."""
+    from tinyset.select.greedy import pick_scores
+    from tinyset.select.herding import herding_order
+
+    net = classifier.net
+    emb = _embed_chunks(net, images).double()
+    real = _embed_chunks(net, classifier.images.to(images.device)).double()
+    labels, real_labels = labels.to(images.device), classifier.labels.to(images.device)
+    scores = torch.full((len(labels),), float("-inf"), dtype=torch.float64, device=images.device)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        of_class = real_labels == c
+        if not bool(of_class.any()):
+            raise ConfigError(f"filter herding: no real training image of class {c} to match")
+        order = herding_order(emb[rows], len(rows), mu=real[of_class].mean(dim=0))
+        scores[rows[order]] = pick_scores(len(rows)).to(scores.device)
+    return scores
 
 
 @torch.no_grad()
 def filter_scores(kind: str, images: torch.Tensor, labels: torch.Tensor, *, discriminator: nn.Module | None = None,
-                  classifier: nn.Module | None = None) -> torch.Tensor:
+                  classifier: FilterClassifier | None = None) -> torch.Tensor:
     """How good each sample is for its class (higher is better), in chunks of ``GENERATE_CHUNK``:
     ``D(x, y)`` for ``discriminator`` (its class-spread feature sees the chunk), ``log p(y | x)`` of
-    the classifier for ``classifier``."""
+    the classifier for ``classifier``, the herding order in the classifier's features for ``herding``
+    (:func:`herding_scores`)."""
     labels = labels.to(images.device)
     chunks = range(0, len(labels), GENERATE_CHUNK)
     if kind == "discriminator":
         return torch.cat([discriminator(images[i:i + GENERATE_CHUNK], labels[i:i + GENERATE_CHUNK]) for i in chunks])
     if kind == "classifier":
-        logp = torch.cat([F.log_softmax(classifier(images[i:i + GENERATE_CHUNK]).float(), dim=1) for i in chunks])
+        net = classifier.net
+        logp = torch.cat([F.log_softmax(net(images[i:i + GENERATE_CHUNK]).float(), dim=1) for i in chunks])
         return logp.gather(1, labels.view(-1, 1)).squeeze(1)
+    if kind == "herding":
+        return herding_scores(images, labels, classifier)
     raise ConfigError(f"filter {kind!r} scores nothing; expected one of {', '.join(FILTERS[1:])}")
 
 
@@ -528,10 +579,10 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
         raise ConfigError(f"filter {filtering.kind!r} is unknown; expected one of {', '.join(SAMPLE_FILTERS)}")
     if filtering.candidates < 1:
         raise ConfigError(f"candidates must be >= 1, got {filtering.candidates}")
-    if filtering.kind == "classifier" and filtering.model not in MODELS:
+    if filtering.kind in CLASSIFIER_FILTERS and filtering.model not in MODELS:
         raise ConfigError(f"filter model {filtering.model!r} is not a registered architecture; known: "
                           f"{', '.join(MODELS.names())}")
-    if filtering.kind in ("classifier", "mi") and train is None:
+    if filtering.kind in REAL_DATA_FILTERS and train is None:
         raise ConfigError(f"filter {filtering.kind} learns from real images: pass the training split of the file's "
                           f"dataset")
     start = time.perf_counter()
@@ -553,11 +604,11 @@ def sample_generator(path: str | Path, ipc: int, *, sample_seed: int | None = No
         d = d.to(device)
         score = lambda x, y: filter_scores("discriminator", x, y, discriminator=d)  # noqa: E731
         record["discriminator_from"] = source
-    elif filtering.kind == "classifier":
+    elif filtering.kind in CLASSIFIER_FILTERS:
         fseed = filtering.seed if filtering.seed is not None else header.get("filter_seed", 0)
         net = train_filter_classifier(RealPool(train, device), filtering.model, filtering.per_class,
                                       filtering.epochs, fseed, device, precision)
-        score = lambda x, y: filter_scores("classifier", x, y, classifier=net)  # noqa: E731
+        score = lambda x, y: filter_scores(filtering.kind, x, y, classifier=net)  # noqa: E731
         record.update({"filter_model": filtering.model, "filter_epochs": filtering.epochs,
                        "filter_per_class": filtering.per_class, "filter_seed": fseed})
     elif filtering.kind == "mi":
@@ -631,10 +682,12 @@ class GANConfig(DistillConfig):
     beta1: float = hp(0.5, "Adam beta1 of both networks", ge=0, lt=1)
     beta2: float = hp(0.999, "Adam beta2 of both networks", ge=0, lt=1)
     filter: str = hp("none", "keep the best of `candidates` samples per image: none, discriminator (highest "
-                             "D(x, y)) or classifier (most confident correct class); on MNIST both lost accuracy "
-                             "(less varied samples; docs/measurements.md)", choices=FILTERS)
+                             "D(x, y)), classifier (most confident correct class; on MNIST both lost accuracy, "
+                             "less varied samples: docs/measurements.md) or herding (candidates whose mean "
+                             "embedding in the filter classifier's features matches its real images' class mean)",
+                      choices=FILTERS)
     candidates: int = hp(4, "samples generated per kept image when filtering", ge=1, le=1000)
-    filter_model: str = hp("convnet-w32", "classifier of filter=classifier (see `tinyset models`)")
+    filter_model: str = hp("convnet-w32", "classifier of filter=classifier and filter=herding (see `tinyset models`)")
     filter_epochs: int = hp(10, "epochs of the filter classifier", ge=1, le=10000)
     filter_per_class: int = hp(200, "real training images per class the filter classifier is trained on",
                                ge=1, le=1_000_000)
@@ -682,7 +735,7 @@ class GAN(Distiller):
         if cfg.refine != "none" and cfg.filter != "none":
             raise ConfigError(f"refine={cfg.refine} and filter={cfg.filter} exclude each other: a projected set has one "
                               f"image per init image, there are no candidates to filter")
-        if cfg.filter == "classifier" and cfg.filter_model not in MODELS:
+        if cfg.filter in CLASSIFIER_FILTERS and cfg.filter_model not in MODELS:
             raise ConfigError(f"filter_model={cfg.filter_model!r} is not a registered architecture; known: "
                               f"{', '.join(MODELS.names())}")
 
@@ -706,7 +759,7 @@ class GAN(Distiller):
         self.optimizer("discriminator", torch.optim.Adam(self.d.parameters(), lr=cfg.lr_d, betas=betas))
         # the current synthetic set (unfiltered until to_synset refreshes it); no optimiser moves it
         self.learnable("images", generate(self.g, self.hard_labels(), self.sample_seed))
-        self._classifier: nn.Module | None = None
+        self._classifier: FilterClassifier | None = None
         self._last: dict[str, float] = {}
         self._steps = 0  # steps taken by this object: before any, the set is the initial samples, not projected
         self._targets: torch.Tensor | None = None
@@ -746,7 +799,7 @@ class GAN(Distiller):
         return dict(self._last)
 
     # ------------------------------------------------------------------ the synthetic set
-    def classifier(self) -> nn.Module:
+    def classifier(self) -> FilterClassifier:
         """The filter classifier, trained once (on ``filter_per_class`` real images per class, its own seed)."""
         if self._classifier is None:
             cfg = self.cfg
@@ -759,7 +812,7 @@ class GAN(Distiller):
         """How good each sample is for its class under ``filter`` (higher is better)."""
         if self.cfg.filter == "discriminator":
             return filter_scores("discriminator", images, labels, discriminator=self.d)
-        return filter_scores("classifier", images, labels, classifier=self.classifier())
+        return filter_scores(self.cfg.filter, images, labels, classifier=self.classifier())
 
     def synthesize(self, final: bool = False) -> torch.Tensor:
         """``ipc`` samples per class (normalised, on CPU), filtered as ``filter`` says; with
@@ -824,5 +877,5 @@ class GAN(Distiller):
 
 __all__ = ["GAN", "GANConfig", "Generator", "Discriminator", "generate", "project", "load_generator", "save_generator",
            "read_generator_header", "keep_best", "gan_losses", "GENERATOR_FILE", "SAMPLES_FILE", "draw_set",
-           "filter_scores", "train_filter_classifier", "load_discriminator", "FilterSettings", "sample_generator",
-           "SAMPLE_FILTERS"]
+           "filter_scores", "herding_scores", "FilterClassifier", "train_filter_classifier", "load_discriminator",
+           "FilterSettings", "sample_generator", "SAMPLE_FILTERS", "CLASSIFIER_FILTERS", "REAL_DATA_FILTERS"]

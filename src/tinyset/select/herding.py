@@ -24,12 +24,14 @@ class HerdingCriterion:
     At step ``t`` (``t`` rows chosen, their sum ``s``) the row ``i`` minimising
     ``||(s + e_i) / (t + 1) - mu||`` is added, i.e. minimising ``||e_i - a||^2`` with
     ``a = (t + 1) mu - s``. That is evaluated for every candidate at once as
-    ``||e_i||^2 - 2 e_i . a`` (float64); the gain is its negation.
+    ``||e_i||^2 - 2 e_i . a`` (float64); the gain is its negation. ``mu`` is the mean of the rows
+    themselves unless a target mean is given (the GAN's ``herding`` filter matches the mean of real
+    images with generated candidates).
     """
 
-    def __init__(self, e: torch.Tensor):
+    def __init__(self, e: torch.Tensor, mu: torch.Tensor | None = None):
         self.e = e
-        self.mu = e.mean(dim=0)
+        self.mu = e.mean(dim=0) if mu is None else mu.to(e)
         self.sq = e.pow(2).sum(dim=1)  # [n]
         self.total = torch.zeros_like(self.mu)
 
@@ -41,13 +43,17 @@ class HerdingCriterion:
         self.total += self.e[i]
 
 
-def herding_order(emb: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions ``int64 [k]`` of the rows of ``emb [n, D]`` chosen by herding, in order.
+def herding_order(emb: torch.Tensor, k: int, mu: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions ``int64 [k]`` of the rows of ``emb [n, D]`` chosen by herding, in order, towards
+    ``mu [D]`` (default: the rows' own mean).
 
     :func:`tinyset.select.greedy.greedy_order` with :class:`HerdingCriterion`: chosen rows are
     excluded; ties go to the lowest position.
     """
-    return greedy.greedy_order(emb, k, HerdingCriterion, name="herding_order")
+    if mu is not None and tuple(mu.shape) != (emb.shape[-1],):
+        raise ValueError(f"herding_order: the target mean has shape {tuple(mu.shape)}, expected ({emb.shape[-1]},)")
+    criterion = HerdingCriterion if mu is None else (lambda e: HerdingCriterion(e, mu))
+    return greedy.greedy_order(emb, k, criterion, name="herding_order")
 
 
 herding_select = SELECTORS.register(

@@ -72,6 +72,10 @@ def test_layout_manifest_and_validation_accuracy(expert_dir, digits):
         assert len(acc) == 4 and all(0 <= a <= 1 for a in acc)
         assert acc[-1] > acc[0] + 0.2, acc  # the experts learn (10 classes: chance is 0.1)
         assert es.manifest["experts"][i]["train_loss"][0] is None and len(es.manifest["experts"][i]["train_loss"]) == 4
+    # each expert records its own training loss, not its chunk's mean (experts 0 and 1 train side by side)
+    loss0, loss1 = (es.manifest["experts"][i]["train_loss"][1:] for i in (0, 1))
+    assert all(a > 0 and b > 0 and a != b for a, b in zip(loss0, loss1))
+    assert loss0[-1] < loss0[0] and loss1[-1] < loss1[0]
 
 
 def test_epoch0_is_the_initialisation_and_stored_epochs_differ(expert_dir):

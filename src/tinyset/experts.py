@@ -350,14 +350,22 @@ def train_experts(train: ImageDataset, out_dir: str | Path, num_experts: int, mo
                                progress(_b + _w * k / n, total, {"kind": "step", "chunk": c, "epoch": ep + 1}))
                 ex, ey = (x, y) if order is None else _rows(x, y, settings.curriculum.subset(ep, order,
                                                                                      settings.epochs))
+                member_loss = torch.zeros(len(members), dtype=torch.float64)  # each expert's own loss sum
+                member_rows = [0]
+
+                def count(_e, _i, batch_losses, _o, _sum=member_loss, _rows=member_rows):
+                    per = batch_losses.double().view(len(_sum), -1)  # member-major
+                    _sum += per.sum(dim=1)
+                    _rows[0] += per.shape[1]
+
                 train_ensemble(net, ex, ey, ts, gen, augment, on_epoch=lambda _e, loss, _a: losses.append(loss),
-                               on_step=step_cb)
+                               on_step=step_cb, on_batch=count)
                 accs = test_accuracy(net, val_x, val_y, precision=precision, compile=compile_)
                 _save_shard(out, c, ep + 1, members, net, gen)
-                for r, a in zip(recs, accs):
+                for j, (r, a) in enumerate(zip(recs, accs)):
                     r["completed_epoch"] = ep + 1
                     r["val_acc"].append(a)
-                    r["train_loss"].append(losses[0])
+                    r["train_loss"].append(float(member_loss[j]) / max(member_rows[0], 1))
                 manifest["wall_time_s"] = wall0 + time.perf_counter() - t0
                 write_json(manifest_path, manifest)
                 done += len(members)

@@ -684,7 +684,8 @@ class GANConfig(DistillConfig):
     filter: str = hp("none", "keep the best of `candidates` samples per image: none, discriminator (highest "
                              "D(x, y)), classifier (most confident correct class; on MNIST both lost accuracy, "
                              "less varied samples: docs/measurements.md) or herding (candidates whose mean "
-                             "embedding in the filter classifier's features matches its real images' class mean)",
+                             "embedding in the filter classifier's features matches its real images' class mean; "
+                             "it gained 1.7 points on MNIST and 1.1 on FashionMNIST at ipc 10)",
                       choices=FILTERS)
     candidates: int = hp(4, "samples generated per kept image when filtering", ge=1, le=1000)
     filter_model: str = hp("convnet-w32", "classifier of filter=classifier and filter=herding (see `tinyset models`)")

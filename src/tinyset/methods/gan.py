@@ -85,6 +85,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -297,6 +298,16 @@ class FilterClassifier:
     images: torch.Tensor
     labels: torch.Tensor
 
+    @cached_property
+    def class_means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean embedding of the training images of every class (float64 ``[K, D]``, computed once)
+        and the image count per class (``[K]``; ``K`` = the largest label + 1)."""
+        emb = _embed_chunks(self.net, self.images).double()
+        labels = self.labels.to(emb.device)
+        counts = torch.bincount(labels)
+        sums = torch.zeros(len(counts), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, labels, emb)
+        return sums / counts.clamp(min=1).unsqueeze(1), counts
+
 
 def train_filter_classifier(pool: RealPool, model: str, per_class: int, epochs: int, seed: int,
                             device: str | torch.device = "cpu", precision: str = "fp32") -> FilterClassifier:
@@ -329,17 +340,15 @@ def herding_scores(images: torch.Tensor, labels: torch.Tensor, classifier: Filte
     from tinyset.select.greedy import pick_scores
     from tinyset.select.herding import herding_order
 
-    net = classifier.net
-    emb = _embed_chunks(net, images).double()
-    real = _embed_chunks(net, classifier.images.to(images.device)).double()
-    labels, real_labels = labels.to(images.device), classifier.labels.to(images.device)
+    emb = _embed_chunks(classifier.net, images).double()
+    means, counts = classifier.class_means
+    labels = labels.to(images.device)
     scores = torch.full((len(labels),), float("-inf"), dtype=torch.float64, device=images.device)
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().squeeze(1)
-        of_class = real_labels == c
-        if not bool(of_class.any()):
+        if c >= len(counts) or int(counts[c]) == 0:
             raise ConfigError(f"filter herding: no real training image of class {c} to match")
-        order = herding_order(emb[rows], len(rows), mu=real[of_class].mean(dim=0))
+        order = herding_order(emb[rows], len(rows), mu=means[c].to(emb.device))
         scores[rows[order]] = pick_scores(len(rows)).to(scores.device)
     return scores
 

@@ -10,14 +10,17 @@ shared, so the speed is the ratio, not the seconds), the reference-style iterati
 ``reference_loop.ReferenceKRR`` (plain fp32 modules, a float32 solve, after the authors' PyTorch
 port), started from the same images and labels. Settings (``--configs``, default ``cpu,paper``):
 
-* ``cpu``: the ``cpu`` profile of ``tinyset distill --method krr`` (32 real images per class, pool
-  ConvNets of width 64);
-* ``paper``: FRePo's real batch (102 per class, 1024 in all in the authors' port) and width 128
-  (constant; FRePo's own network widens to 256 and 512 in its later blocks);
+* ``cpu``: the ``cpu`` profile of ``tinyset distill --method krr`` (32 real images per class; at
+  MNIST/FashionMNIST ipc <= 10 FRePo's network at half width, ``convnet-frepo`` width 32, i.e.
+  32/64/128 channels);
+* ``cpu-nn``: the earlier ``cpu`` profile, 32 real images per class with the constant-width
+  ``convnet-nn`` (ConvNet of depth 3 without normalisation) at width 64 (still the profile at ipc > 10);
+* ``paper``: FRePo's real batch (102 per class, 1024 in all in the authors' port) and ``convnet-nn`` at
+  width 128 (constant; FRePo's own network widens to 256 and 512 in its later blocks);
 * ``frepo``: ``paper`` with FRePo's own network, ``convnet-frepo`` (widths 128/256/512), as the
   ``paper`` preset of ``tinyset distill --method krr`` runs it.
 
-``cpu`` and ``paper`` use the pool's architecture ``convnet-nn`` (ConvNet of depth 3 without normalisation); all use
+All use
 the run's precision (bf16 autocast where the CPU has native bf16, ``--precision``). Each setting:
 ``--warmup`` untimed iterations of each contender, one untimed round, then ``--iterations`` timed
 turns of each; printed: the median, minimum and mean wall seconds, the CPU seconds of the process
@@ -52,7 +55,8 @@ from tinyset.methods.krr import KernelRidge  # noqa: E402
 from tinyset.rng import make_generator  # noqa: E402
 from tinyset.runtime import describe_machine, resolve_runtime  # noqa: E402
 
-CONFIGS = {"cpu": {}, "paper": {"batch_real": "102", "width": "128"},
+CONFIGS = {"cpu": {}, "cpu-nn": {"model": "convnet-nn", "width": "64"},
+           "paper": {"batch_real": "102", "width": "128", "model": "convnet-nn"},
            "frepo": {"batch_real": "102", "width": "128", "model": "convnet-frepo"}}
 
 
@@ -93,7 +97,8 @@ def bench(name: str, train, args, runtime) -> dict:
            "cpu_ratio_vs_reference": statistics.mean(cpu["reference"]) / statistics.mean(cpu["tinyset"]),
            "first_loss": losses["tinyset"][0], "last_loss": losses["tinyset"][-1],
            "reference_first_loss": losses["reference"][0], "reference_last_loss": losses["reference"][-1]}
-    print(f"{name:6s} batch_real {cfg.batch_real:3d}/class width {cfg.width}  {row['median_s']:.3f} s/iteration median "
+    print(f"{name:6s} {cfg.model} batch_real {cfg.batch_real:3d}/class width {cfg.width}  "
+          f"{row['median_s']:.3f} s/iteration median "
           f"(min {row['min_s']:.3f}, mean {row['mean_s']:.3f}; cpu {row['cpu_s_per_iteration']:.3f} s, reference "
           f"{row['reference_cpu_s_per_iteration']:.3f} s: {row['cpu_ratio_vs_reference']:.2f}x in CPU time)  "
           f"loss {row['first_loss']:.4f} -> {row['last_loss']:.4f} (reference {row['reference_first_loss']:.4f} -> "

@@ -100,7 +100,9 @@ def test_registered_with_typed_settings_and_sources():
     assert src["pool_size"].startswith("paper: yongchaoz/FRePo")
     assert v.iterations == 300 and src["iterations"].startswith("cpu:")
     mnist = resolve_config("krr", "mnist", 10, "cpu").values
-    assert (mnist.batch_real, mnist.iterations, mnist.width, mnist.model) == (32, 3000, 64, "convnet-nn")
+    assert (mnist.batch_real, mnist.iterations, mnist.width, mnist.model) == (32, 12000, 32, "convnet-frepo")
+    fashion50 = resolve_config("krr", "fashion-mnist", 50, "cpu").values  # larger sets keep the cheaper network
+    assert (fashion50.batch_real, fashion50.iterations, fashion50.width, fashion50.model) == (32, 3000, 64, "convnet-nn")
     assert v.model == "convnet-nn" and src["model"].startswith("cpu:")
     paper = resolve_config("krr", "mnist", 10, "paper")  # FRePo's own network: widths doubling per block
     assert paper.values.model == "convnet-frepo" and paper.values.width is None

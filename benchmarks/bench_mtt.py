@@ -2,9 +2,10 @@
 
 Setting (issue #10 part 5): MNIST, ipc 10, DSA on, ConvNet. Two configurations:
 
-* ``cpu``: the ``cpu`` preset of ``tinyset distill --method mtt`` (ConvNet width 32, batch_syn 50;
-  syn_steps 20 since 2026-12-03, 10 before, which the README's figures used; the student's steps
-  recomputed exactly backwards, compiled, on the resolved precision);
+* ``cpu``: the ``cpu`` preset of ``tinyset distill --method mtt`` with the width-32 ConvNet (the
+  preset's network below ipc 10 and, until 2026-12-05, at ipc 10 too; it now trains the width-128
+  ConvNet from ipc 10) (batch_syn 50; syn_steps 20 since 2026-12-03, 10 before, which the README's
+  figures used; the student's steps recomputed exactly backwards, compiled, on the resolved precision);
 * ``paper``: the paper's ConvNet (width 128, depth 3, InstanceNorm), syn_steps 20, all 100 images
   per student step (distill.py's defaults).
 

@@ -73,13 +73,14 @@ def test_registered_with_config_presets_and_sources(experts):
     assert src["experts"] == "flag: --set experts" and src["model"] == "flag: --set model"
     assert resolve(MTTConfig, dataset="digits", ipc=1, profile="cpu", table=TrajectoryMatching.paper,
                    cpu_rule=TrajectoryMatching.cpu_rule).values.model == "convnet-d2"
-    # MNIST/FashionMNIST: early expert segments only (see the rule's text), a smaller budget above ipc 1
-    for ds, ipc, its, bs in [("mnist", 1, 500, 10), ("fashion-mnist", 10, 200, 50)]:
+    # MNIST/FashionMNIST: early expert segments only (see the rule's text), a smaller budget above ipc 1,
+    # the evaluation's width-128 ConvNet from ipc 10 on
+    for ds, ipc, model, its, bs in [("mnist", 1, "convnet-w32", 500, 10), ("fashion-mnist", 5, "convnet-w32", 200, 50),
+                                    ("fashion-mnist", 10, "convnet", 300, 50), ("mnist", 50, "convnet", 300, 50)]:
         m = resolve(MTTConfig, dataset=ds, ipc=ipc, profile="cpu", table=TrajectoryMatching.paper,
                     cpu_rule=TrajectoryMatching.cpu_rule)
         assert (m.values.model, m.values.iterations, m.values.syn_steps, m.values.expert_epochs,
-                m.values.max_start_epoch, m.values.lr_img, m.values.batch_syn) == ("convnet-w32", its, 20, 1, 2,
-                                                                                 100.0, bs)
+                m.values.max_start_epoch, m.values.lr_img, m.values.batch_syn) == (model, its, 20, 1, 2, 100.0, bs)
         assert "probe_mtt_start.py" in m.sources["max_start_epoch"]
     # the published per-setting table (checked without an expert set: the values only)
     for ds, ipc, expect in [("cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, None)),
@@ -96,7 +97,7 @@ def test_registered_with_config_presets_and_sources(experts):
     assert rows and "no published MTT settings" in rows[0].source
     m = resolve(MTTConfig, dataset="mnist", ipc=10, profile="cpu", table=TrajectoryMatching.paper,
                 cpu_rule=TrajectoryMatching.cpu_rule).values
-    assert (m.model, m.syn_steps, m.max_start_epoch, m.batch_syn, m.final_eval) == ("convnet-w32", 20, 2, 50, "quick")
+    assert (m.model, m.syn_steps, m.max_start_epoch, m.batch_syn, m.final_eval) == ("convnet", 20, 2, 50, "quick")
     # the spike guard: on in the MNIST/FashionMNIST cpu rule, off in the paper's settings and on digits
     assert m.spike_clip == 10.0
     assert resolve(MTTConfig, dataset="mnist", ipc=10, profile="paper", table=TrajectoryMatching.paper).values.spike_clip \

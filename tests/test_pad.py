@@ -368,3 +368,8 @@ def test_registered_with_paper_rows_and_cpu_rule(experts):
     assert cpu.values.depth_ratio == 0.0 and cpu.values.lr_y == 5.0 and cpu.sources["lr_y"].startswith("cpu: ")
     assert resolve_config("pad", "digits", 10, "cpu", sets={"experts": str(experts), "model": MODEL}
                           ).values.depth_ratio == 0.5
+    # PAD keeps the width-32 student MTT's rule used before it moved to width 128 at ipc >= 10
+    for ds, ipc, its in [("mnist", 1, 500), ("fashion-mnist", 10, 200), ("mnist", 50, 200)]:
+        v = resolve(PADConfig, dataset=ds, ipc=ipc, profile="cpu", table=PrioritizeAlignment.paper,
+                    cpu_rule=PrioritizeAlignment.cpu_rule).values
+        assert (v.model, v.iterations, v.syn_steps, v.depth_ratio) == ("convnet-w32", its, 20, 0.0 if ipc == 1 else 0.5)

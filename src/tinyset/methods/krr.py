@@ -55,10 +55,10 @@ by the online pool; it reports accuracy at KIP's level (KIP's MNIST/FashionMNIST
 kernel methods) at a small fraction of the cost, and its distilled images transfer to SGD-trained networks because the kernel *is* such a network's
 feature map. That is what we implement, in PyTorch, with our registry's ConvNets. The ``paper``
 preset uses ``convnet-frepo``, FRePo's ``conv`` network (depth 3, no normalisation, channels doubling
-per block: 128, 256, 512). The ``cpu`` rule uses the same network at half width (``width`` 32: 32/64/128 channels) for
-12000 iterations on MNIST/FashionMNIST at ipc <= 10, and the constant-width ``convnet-nn`` (width 64
-on MNIST/FashionMNIST at larger ipc, 128 on digits) elsewhere: several times cheaper on a CPU; that
-difference is ours.
+per block: 128, 256, 512). The ``cpu`` rule uses the same network at half width (``width`` 32:
+32/64/128 channels) for 12000 iterations on MNIST/FashionMNIST at ipc <= 10, and the constant-width
+``convnet-nn`` elsewhere (width 64 on MNIST/FashionMNIST at larger ipc, 128 on digits): several times
+cheaper on a CPU; that difference is ours.
 
 **Semantics read from** yongchaoz/FRePo ``script/distill_torch.py`` (the authors' PyTorch port):
 Adam for images and labels at 1e-3 with a cosine to 0.1x (the JAX version and the paper use LAMB),

@@ -124,7 +124,9 @@ class MTTConfig(DistillConfig):
                                         "exploding unroll that ruins a set in one update", gt=0, optional=True)
 
 
-def _cpu_budget(values, dataset: str, ipc: int) -> dict:
+def _cpu_budget(values, dataset: str, ipc: int, wide_from: int | None = 10) -> dict:
+    """The ``cpu`` rule's values; on MNIST/FashionMNIST the student is the width-128 ``convnet`` from
+    ``wide_from`` images per class on (``None``: the width-32 ``convnet-w32`` at every ipc)."""
     family = dataset.lower().partition(":")[0]
     if family == "digits":
         return {"model": "convnet-d2", "iterations": 200, "syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 5,
@@ -132,7 +134,7 @@ def _cpu_budget(values, dataset: str, ipc: int) -> dict:
     if family in ("mnist", "fashion-mnist"):
         # early segments only, one expert epoch in 20 steps, lr_img 100: chosen on MNIST ipc 1 (cpu_rule);
         # from ipc 10 the evaluation's own width-128 ConvNet (chosen on held-out images at ipc 10, cpu_rule)
-        wide = ipc >= 10
+        wide = wide_from is not None and ipc >= wide_from
         iterations = 300 if wide else (500 if ipc == 1 else 200)
         return {"model": "convnet" if wide else "convnet-w32", "iterations": iterations, "lr_img": 100.0,
                 "syn_steps": 20, "expert_epochs": 1, "max_start_epoch": 2, "batch_syn": min(ipc * 10, 50),

@@ -115,15 +115,13 @@ register_init("correct", InitSource(_init_correct, "correct", "random real image
 
 
 def _pad_cpu(values, dataset: str, ipc: int) -> dict:
-    out = dict(_cpu_budget(values, dataset, ipc))
+    # PAD's sets were measured with the width-32 student and experts at every ipc; MTT's width-128
+    # choice from ipc 10 on was not tried with PAD
+    out = dict(_cpu_budget(values, dataset, ipc, wide_from=None))
     family = dataset.lower().partition(":")[0]
     if family in ("digits", "mnist", "fashion-mnist"):
         out.update({"depth_ratio": 0.0 if ipc == 1 else 0.5, "lr_y": 5.0 if ipc == 1 else 2.0,
                     "min_start_epoch": 0, "current_max_start_epoch": None, "threshold": 1.0})
-    if family in ("mnist", "fashion-mnist"):
-        # PAD's sets were measured with MTT's width-32 student and experts at every ipc; MTT's width-128
-        # choice from ipc 10 on was not tried with PAD
-        out.update({"model": "convnet-w32", "iterations": 500 if ipc == 1 else 200})
     return out
 
 

@@ -148,6 +148,44 @@ def test_fixed_labels_when_not_learned(digits, tmp_path):
     assert torch.equal(res.synset.extras[TARGETS_EXTRA], centred_onehot(torch.arange(k).repeat_interleave(2), k))
 
 
+def test_augment_is_an_option_off_by_default(digits, tmp_path):
+    """``augment`` (ours, not FRePo's) gives the run a DSA object; the images then differ from a plain
+    run's, the same seed still gives the same set, and the default run stays unaugmented."""
+    plain = _run(digits, tmp_path / "plain", 3)
+    aug = _run(digits, tmp_path / "aug", 3, sets={"augment": "true"})
+    again = _run(digits, tmp_path / "again", 3, sets={"augment": "true"})
+    runtime = {name: json.loads((tmp_path / name / "config.json").read_text())["runtime"]
+               for name in ("plain", "aug")}
+    assert runtime["plain"]["dsa_strategy"] == "none" and runtime["aug"]["dsa_strategy"] != "none"
+    assert plain.synset.meta["config"]["augment"] is False and aug.synset.meta["config"]["augment"] is True
+    assert not torch.equal(plain.synset.images, aug.synset.images)
+    assert torch.equal(aug.synset.images, again.synset.images)
+    assert torch.equal(aug.synset.extras[TARGETS_EXTRA], again.synset.extras[TARGETS_EXTRA])
+    off = _run(digits, tmp_path / "off", 3, sets={"augment": "true", "dsa_strategy": "none"})
+    assert torch.equal(off.synset.images, plain.synset.images)
+
+
+def test_augmented_draws_a_transformation_per_image(digits, tmp_path):
+    from tinyset.augment import DSA
+    from tinyset.methods.base import DistillContext
+    from tinyset.data.base import RealPool
+    from tinyset.rng import make_generator
+
+    cfg = resolve_config("krr", digits.info.name, 2, "cpu", sets={**SETS, "augment": "true"}).values
+    assert KernelRidge.augments(cfg) and not KernelRidge.augments(dataclasses.replace(cfg, augment=False))
+    ctx = DistillContext(digits.info, RealPool(digits, torch.device("cpu")), 2, torch.device("cpu"), "fp32",
+                         DSA("color_flip"))
+    impl = KernelRidge(cfg, ctx)
+    x = torch.arange(8 * 8, dtype=torch.float32).view(1, 1, 8, 8).repeat(64, 1, 1, 1) / 64
+    y = impl.augmented(x, make_generator(0))
+    flipped = torch.tensor([torch.equal(y[i], x[i].flip(-1)) for i in range(64)])
+    kept = torch.tensor([torch.equal(y[i], x[i]) for i in range(64)])
+    recoloured = ~(flipped | kept)
+    # one batch-wide op would give only flips and copies, or only recoloured images
+    assert int(flipped.sum()) > 5 and int(recoloured.sum()) > 5, (flipped.sum(), kept.sum())
+    assert torch.equal(impl.augmented(x, None), x)
+
+
 def _stop_after(n):
     """An ``on_iteration`` callback that sends this process SIGINT after iteration ``n``: the loop
     checkpoints and stops, as when a user presses Ctrl-C."""

@@ -107,6 +107,12 @@ class Distiller:
     #: ``complete(values, dataset, ipc) -> {field: (value, why)}`` fills fields no layer set
     complete: ClassVar[Callable[[dict, str, int], dict[str, tuple[Any, str]]] | None] = None
 
+    @classmethod
+    def augments(cls, cfg: DistillConfig) -> bool:
+        """Whether a run with ``cfg`` is given a DSA object as ``ctx.augment`` (``dsa_strategy`` decides
+        its transformations); ``uses_dsa`` unless a method makes it a setting."""
+        return cls.uses_dsa
+
     def __init__(self, cfg: DistillConfig, ctx: DistillContext):
         self.cfg = cfg
         self.ctx = ctx

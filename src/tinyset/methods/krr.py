@@ -66,7 +66,9 @@ pool 10, reset after 100 online steps, online Adam 3e-4 on MSE with minibatches 
 ridge 1e-6 times the mean diagonal, a real batch of 1024 (about 102 per class for ten classes),
 no augmentation during distillation on MNIST-like data. Our own choices: class-balanced real
 batches, a constant online learning rate (the port's warm-up is longer than a network's life),
-one fp64 Cholesky solve.
+one fp64 Cholesky solve, and the ``augment`` option (off by default): DSA on both sides of every
+regression and on the pool networks' training batches, each image its own transformation, so the
+images are learned under the augmentation the SGD evaluation protocols train with.
 """
 from __future__ import annotations
 
@@ -120,6 +122,9 @@ class KRRConfig(DistillConfig):
     ridge: float = hp(1e-6, "kernel ridge lambda relative to the mean diagonal of K_ss: lambda = ridge * "
                             "tr(K_ss) / n", gt=0, le=1e6)
     solve_dtype: str = hp("fp64", "dtype of the kernel and its solve", choices=tuple(SOLVE_DTYPES))
+    augment: bool = hp(False, "DSA (dsa_strategy's transformations, each image its own draw) on the synthetic "
+                              "and real images of every regression and on the pool networks' training "
+                              "batches; ours: FRePo does not augment MNIST-like data")
 
 
 def _cpu_budget(values, dataset: str, ipc: int) -> dict:
@@ -163,7 +168,11 @@ class PoolState(nn.Module):
 class KernelRidge(Distiller):
     name = "krr"
     Config = KRRConfig
-    uses_dsa = False  # FRePo does not augment while distilling MNIST-like data
+    uses_dsa = False  # FRePo does not augment while distilling MNIST-like data; `augment` turns DSA on
+
+    @classmethod
+    def augments(cls, cfg: DistillConfig) -> bool:
+        return bool(getattr(cfg, "augment", False))
     paper = Table((
         Row({"iterations": 20000, "init": "real", "model": "convnet-frepo", "lr_img": 1e-3, "lr_label": 1e-3,
              "lr_min_factor": 0.1, "learn_labels": True, "label_margin": 1.0, "batch_real": 102, "pool_size": 10,
@@ -240,13 +249,22 @@ class KernelRidge(Distiller):
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
 
     # ------------------------------------------------------------------ one iteration
-    def krr_loss(self, net: nn.Module, real: torch.Tensor, real_labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(regression MSE of the real batch, label margin term)`` with ``net``'s feature kernel."""
+    def augmented(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """``x`` under DSA with an independent transformation per image (``augment``), else ``x``."""
+        if not self.augment or gen is None:
+            return x
+        n = x.shape[0]
+        prm = self.augment.sample(n, self.info.image_size, gen, op_groups=torch.arange(n))
+        return self.augment.apply(x, prm)
+
+    def krr_loss(self, net: nn.Module, real: torch.Tensor, real_labels: torch.Tensor,
+                 gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(regression MSE of the real batch, label margin term)`` with ``net``'s feature kernel;
+        with ``augment`` both sides are augmented from ``gen``."""
         k = self.info.num_classes
         with torch.no_grad():
-            feat_real = self.features(net, real)
-        feat_syn = self.features(net, self.images)
+            feat_real = self.features(net, self.augmented(real, gen))
+        feat_syn = self.features(net, self.augmented(self.images, gen))
         pred = krr_predict(feat_syn, self.targets, feat_real, self.cfg.ridge, SOLVE_DTYPES[self.cfg.solve_dtype])
         mse = ((pred - centred_onehot(real_labels, k)) ** 2).sum(-1).mean()
         margin = label_margin_loss(self.targets) if self.cfg.learn_labels else mse.new_zeros(())
@@ -265,6 +283,7 @@ class KernelRidge(Distiller):
                 x, y = x_all[idx], y_all[idx]
             else:
                 x, y = x_all, y_all
+            x = self.augmented(x, gen)
             with autocast(self.device, self.precision):
                 out = net(x).float()
             loss = F.mse_loss(out, y)
@@ -290,7 +309,7 @@ class KernelRidge(Distiller):
         i = int(torch.randint(cfg.pool_size, (1,), generator=gen))
         net = self.nets[i]
         real, real_labels = self.pool_real(gen)
-        mse, margin = self.krr_loss(net, real, real_labels)
+        mse, margin = self.krr_loss(net, real, real_labels, gen)
         loss = mse + cfg.label_margin * margin
         self.update("synthetic", loss)
         if cfg.online_steps:

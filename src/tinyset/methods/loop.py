@@ -252,7 +252,7 @@ def distill(method: str, train: ImageDataset, ipc: int, out_dir: str | Path, *, 
         check_ipc(train, ipc)
     pool = RealPool(train, device)
     strategy = cfg.dsa_strategy or default_strategy(train.info.name)
-    augment = DSA(strategy) if cls.uses_dsa and strategy != "none" else None
+    augment = DSA(strategy) if cls.augments(cfg) and strategy != "none" else None
     ctx = DistillContext(train.info, pool, ipc, device, precision, augment)
     impl = cls(cfg, ctx)
     impl.setup(gen)

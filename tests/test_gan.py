@@ -346,7 +346,12 @@ BAD = [
     ("gan:{synset}", ArtifactError, ["{synset}", "not a tinyset generator file"]),
     ("gan:{gan_other}", ConfigError, ["{gan_other}", "generator of dataset 'tiny'"]),
     ("gan:{gan_shape}", ConfigError, ["{gan_shape}", "[1, 16, 16]"]),
-    ("zeros", ConfigError, ["init='zeros'", "'real', 'noise', 'file:PATH', 'gan:PATH'"]),
+    ("select:nope", ConfigError, ["init=select:nope", "unknown selector 'nope'", "herding"]),
+    ("select:mi,diversity=-1", ConfigError, ["init=select:mi,diversity=-1", "diversity"]),
+    ("select:mi,colour=1", ConfigError, ["init=select:mi,colour=1", "colour"]),
+    ("select:mi,oops", ConfigError, ["init=select:mi,oops", "expected select:METHOD[,KEY=VALUE...]"]),
+    ("zeros", ConfigError, ["init='zeros'", "'real', 'noise', 'file:PATH', 'select:METHOD[,KEY=VALUE...]', "
+                                            "'gan:PATH'"]),
     ("file:", ConfigError, ["init='file:'", "expected file:PATH"]),
     ("noise:x", ConfigError, ["init='noise:x'", "takes no argument"]),
 ]

@@ -253,3 +253,31 @@ def test_no_best_set_without_validation(tmp_path):
                   overrides={"model": "convnet-d2", "batch_real": 8, "iterations": 2})
     assert res.best is None and not (tmp_path / "run" / "best.safetensors").exists()
     assert "best" not in res.to_dict() or res.to_dict()["best"] is None
+
+
+def test_init_select_takes_a_selectors_choice_from_the_runs_own_training_images():
+    """``init=select:METHOD[,KEY=VALUE...]`` runs the registered selector, with its options, on the split
+    the run's pool was made from (so never on the validation images ``--eval-every`` holds out), seeded
+    from the run's generator, and starts from exactly those images."""
+    from tinyset.data.base import RealPool, split_validation
+    from tinyset.methods.base import DistillContext
+    from tinyset.rng import derive_seed
+    from tinyset.select import select
+
+    train, val = split_validation(load_dataset("digits"), 20, make_generator(0))
+    cfg = resolve_config("dm", "digits", 3, sets={"init": "select:herding,model=convnet-d2"}).values
+    pool = RealPool(train)
+    d = METHODS.get("dm")(cfg, DistillContext(train.info, pool, 3, torch.device("cpu"), "fp32", None))
+    images = d.initial_images(make_generator(7))
+    chosen = select("herding", train, 3, seed=derive_seed(make_generator(7)), sets={"model": "convnet-d2"})
+    assert torch.equal(images, train.normalized()[torch.tensor(chosen.indices)])
+    assert chosen.config["model"] == "convnet-d2"  # the option reached the selector
+    assert torch.equal(images, d.initial_images(make_generator(7)))  # seeded
+    # every start image is one of the run's training images, none of the held-out ones
+    flat_train, flat_val = train.normalized().flatten(1), val.normalized().flatten(1)
+    for img in images.flatten(1):
+        assert bool((flat_train == img).all(1).any()) and not bool((flat_val == img).all(1).any())
+    # a plain random start differs
+    real = METHODS.get("dm")(resolve_config("dm", "digits", 3).values,
+                             DistillContext(train.info, pool, 3, torch.device("cpu"), "fp32", None))
+    assert not torch.equal(real.initial_images(make_generator(7)), images)

@@ -99,6 +99,8 @@ class RealPool:
 
     def __init__(self, data: ImageDataset, device: str | torch.device = "cpu"):
         self.info = data.info
+        #: the split the pool was made from (``images[i]`` is ``source``'s image ``i``, normalised)
+        self.source = data
         self.device = torch.device(device)
         self.images = data.normalized(self.device)
         self.labels = data.labels.to(self.device)

@@ -435,10 +435,44 @@ def _init_file(d: "Distiller", argument: str, gen: torch.Generator) -> torch.Ten
     return d.zca.whiten(images) if d.zca is not None else images  # from the file's space to the run's
 
 
+def _parse_select(argument: str) -> tuple[str, dict[str, str]]:
+    """``"mi,diversity=0.1"`` -> ``("mi", {"diversity": "0.1"})``: a selector and its ``--set`` options."""
+    name, *items = [part.strip() for part in argument.split(",")]
+    sets: dict[str, str] = {}
+    for item in filter(None, items):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r}: expected select:METHOD[,KEY=VALUE...], e.g. select:mi,diversity=0.1")
+        sets[key.strip().replace("-", "_")] = value.strip()
+    return name, sets
+
+
+def _check_init_select(argument: str, info: DatasetInfo | None, ipc: int) -> None:
+    from tinyset.select import resolve_options
+
+    name, sets = _parse_select(argument)
+    resolve_options(name, info.name if info is not None else "", ipc, sets=sets)
+
+
+def _init_select(d: "Distiller", argument: str, gen: torch.Generator) -> torch.Tensor:
+    """The images a registered selector picks from the run's own training images (never the held-out
+    validation images of ``--eval-every``), seeded from the run's generator."""
+    from tinyset.rng import derive_seed
+    from tinyset.select import select
+
+    name, sets = _parse_select(argument)
+    result = select(name, d.pool.source, d.ipc, seed=derive_seed(gen), device=d.device, sets=sets)
+    return d.pool.images[torch.as_tensor(result.indices, dtype=torch.long).to(d.pool.images.device)]
+
+
 register_init("real", InitSource(_init_real, "real", "random real images of the class"))
 register_init("noise", InitSource(_init_noise, "noise", "standard Gaussian noise"))
 register_init("file", InitSource(_init_file, "file:PATH", "the first ipc images per class of a synthetic-set "
                                  "file (.safetensors) of the same dataset", _check_init_file))
+register_init("select", InitSource(_init_select, "select:METHOD[,KEY=VALUE...]",
+                                   "the ipc images per class a selector (`tinyset select --method METHOD`, with "
+                                   "its options) picks from the run's training images, e.g. select:mi,diversity=0.1",
+                                   _check_init_select))
 
 
 __all__ = ["Distiller", "DistillConfig", "DistillContext", "whiten_pool", "Row", "Rule", "Table", "hp", "INITS", "InitSource",

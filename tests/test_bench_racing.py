@@ -49,3 +49,29 @@ def test_race_report_races_then_reports_with_cpu_seconds(capsys):
     out = race_report("Y", {"tinyset": ("", lambda: None), "reference": ("", lambda: None)}, 2, "pass", 1, "fp32", {})
     assert len(out["turns"]["tinyset"]) == 2 and len(out["cpu_turns"]["reference"]) == 2
     assert "cpu_speedup_vs_reference" in out and "in CPU seconds" in capsys.readouterr().out
+
+
+def test_probe_winograd_computes_the_convolution_and_races_it(tmp_path):
+    """benchmarks/probe_winograd.py: its F(4x4, 3x3) equals a 3x3 convolution with padding 1 (sizes that
+    are and are not multiples of the tile), and a tiny race writes both timings, errors and the ratio."""
+    import json
+    import subprocess
+
+    import torch
+    import torch.nn.functional as F
+    from probe_winograd import filter_transform, winograd_conv3x3
+
+    gen = torch.Generator().manual_seed(0)
+    for size in (8, 7, 5):
+        x, w = torch.randn(3, 4, size, size, generator=gen), torch.randn(6, 4, 3, 3, generator=gen)
+        ref = F.conv2d(x.double(), w.double(), padding=1)
+        y = winograd_conv3x3(x, filter_transform(w))
+        assert y.shape == ref.shape and torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+    out = tmp_path / "w.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_winograd.py"
+    run = subprocess.run([sys.executable, str(script), "--threads", "1", "--reps", "1", "--cases", "2:8:6",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "CPU:" in run.stdout and "winograd" in run.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["size"] == 6 and row["winograd_speedup"] > 0 and row["max_rel_error"]["winograd"] < 1e-4

@@ -190,7 +190,8 @@ def make_experts(train: ImageDataset, folder: Path, model: str, epochs: int) -> 
 
 def build_method(config: str, train: ImageDataset, experts: Path, ipc: int, precision: str, extra: dict):
     preset, model, _ = CONFIGS[config]
-    sets = {"experts": str(experts), "model": model, "expert_epochs": "2", "max_start_epoch": "1", **extra}
+    sets = {"experts": str(experts), "model": model, "expert_epochs": "2", "max_start_epoch": "1", "init": "real",
+            **extra}  # random real images: the iteration costs the same from any start
     if preset == "paper":
         sets.setdefault("syn_steps", "20")
     cfg = resolve_config("mtt", train.info.name, ipc, preset, sets={k: str(v) for k, v in sets.items()}).values

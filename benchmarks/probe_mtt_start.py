@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         starts = [t for t in starts if t + ee <= epochs]
         # recompute: the only unroll that runs without autograd (the probe needs no gradients)
         sets = {"experts": args.experts, "model": expert_set.model, "memory": "recompute", "compile": "off",
+                "init": "real",
                 "lr_teacher": lr, "expert_epochs": ee, "syn_steps": ss, "max_start_epoch": max(starts) + 1}
         cfg = resolve_config("mtt", train.info.name, args.ipc, "cpu", sets=sets).values
         gen = make_generator(args.seed)

@@ -101,6 +101,9 @@ def test_registered_with_typed_settings_and_sources():
     assert v.iterations == 300 and src["iterations"].startswith("cpu:")
     mnist = resolve_config("krr", "mnist", 10, "cpu").values
     assert (mnist.batch_real, mnist.iterations, mnist.width, mnist.model) == (32, 12000, 32, "convnet-frepo")
+    assert mnist.init == "select:mi,diversity=0.1"  # MNIST ipc 10 starts from the mi selection
+    assert resolve_config("krr", "fashion-mnist", 10, "cpu").values.init == "real"
+    assert resolve_config("krr", "mnist", 5, "cpu").values.init == "real"
     fashion50 = resolve_config("krr", "fashion-mnist", 50, "cpu").values  # larger sets keep the cheaper network
     assert (fashion50.batch_real, fashion50.iterations, fashion50.width, fashion50.model) == (32, 3000, 64, "convnet-nn")
     assert v.model == "convnet-nn" and src["model"].startswith("cpu:")

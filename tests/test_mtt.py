@@ -75,13 +75,17 @@ def test_registered_with_config_presets_and_sources(experts):
                    cpu_rule=TrajectoryMatching.cpu_rule).values.model == "convnet-d2"
     # MNIST/FashionMNIST: early expert segments only (see the rule's text), a smaller budget above ipc 1,
     # the evaluation's width-128 ConvNet from ipc 10 on
-    for ds, ipc, model, its, bs in [("mnist", 1, "convnet-w32", 500, 10), ("fashion-mnist", 5, "convnet-w32", 200, 50),
-                                    ("fashion-mnist", 10, "convnet", 300, 50), ("mnist", 50, "convnet", 300, 50)]:
+    # MNIST at ipc 10 starts from the mi selection and runs 100 iterations; elsewhere random real images
+    for ds, ipc, model, its, bs, init in [("mnist", 1, "convnet-w32", 500, 10, "real"),
+                                          ("fashion-mnist", 5, "convnet-w32", 200, 50, "real"),
+                                          ("fashion-mnist", 10, "convnet", 300, 50, "real"),
+                                          ("mnist", 10, "convnet", 100, 50, "select:mi,diversity=0.1"),
+                                          ("mnist", 50, "convnet", 300, 50, "real")]:
         m = resolve(MTTConfig, dataset=ds, ipc=ipc, profile="cpu", table=TrajectoryMatching.paper,
                     cpu_rule=TrajectoryMatching.cpu_rule)
         assert (m.values.model, m.values.iterations, m.values.syn_steps, m.values.expert_epochs,
                 m.values.max_start_epoch, m.values.lr_img, m.values.batch_syn) == (model, its, 20, 1, 2, 100.0, bs)
-        assert "probe_mtt_start.py" in m.sources["max_start_epoch"]
+        assert m.values.init == init and "probe_mtt_start.py" in m.sources["max_start_epoch"]
     # the published per-setting table (checked without an expert set: the values only)
     for ds, ipc, expect in [("cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, None)),
                             ("cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, None)),

@@ -373,3 +373,4 @@ def test_registered_with_paper_rows_and_cpu_rule(experts):
         v = resolve(PADConfig, dataset=ds, ipc=ipc, profile="cpu", table=PrioritizeAlignment.paper,
                     cpu_rule=PrioritizeAlignment.cpu_rule).values
         assert (v.model, v.iterations, v.syn_steps, v.depth_ratio) == ("convnet-w32", its, 20, 0.0 if ipc == 1 else 0.5)
+        assert v.init != "select:mi,diversity=0.1"  # MTT's MNIST ipc 10 start belongs to its width-128 rule

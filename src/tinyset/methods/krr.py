@@ -189,7 +189,7 @@ class KernelRidge(Distiller):
         "(about 0.25 CPU-s per iteration on an AMD EPYC with AVX512-BF16, bf16; on held-out MNIST training "
         "images 94.70 against 93.67 for the earlier rule, convnet-nn width 64 for 3000 iterations, "
         "docs/measurements.md 2026-12-05); on MNIST at ipc 10 from the mi selection (init "
-        "select:mi,diversity=0.1): held-out 96.07 against 94.70 from random images, test 97.79 against 96.94 "
+        "select:mi,diversity=0.1): held-out 96.53 against 94.70 from random images, test 97.93 against 96.94 "
         "(docs/measurements.md, 2026-12-05, third session; on FashionMNIST that start was behind on held-out "
         "images, 81.03 against 82.07 after 4000 iterations, so it keeps random images); MNIST/FashionMNIST "
         "ipc > 10 convnet-nn width 64, 3000 "
